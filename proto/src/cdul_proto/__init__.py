@@ -1,0 +1,1 @@
+"""Generated Python code of the cdul.v1 gRPC API; regenerate with `make proto`."""

@@ -1,0 +1,3 @@
+"""CDUL training: gradient alignment, evaluation, and the embedded digits default."""
+
+__version__ = "0.1.0"
