@@ -1,0 +1,76 @@
+"""Request errors and their gRPC status codes, mapped in one place.
+
+Handlers raise :class:`ServiceError` (or one of the library errors below); the servicer turns
+each into a status with :func:`status_for_exception`. Per-image problems never raise: they
+become an ``ImageStatus`` in that image's result.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+
+import grpc
+
+_logger = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    """A whole-request failure with the gRPC status code it answers."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class QueueFullError(ServiceError):
+    """The encoder queue has no room for a request's views."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+
+class DrainingError(ServiceError):
+    """The server is shutting down and takes no new work."""
+
+    def __init__(
+        self, message: str = "the server is shutting down: retry on another replica"
+    ) -> None:
+        super().__init__(grpc.StatusCode.UNAVAILABLE, message)
+
+
+def invalid_argument(message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def not_found(message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.NOT_FOUND, message)
+
+
+def resource_exhausted(message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+
+def deadline_exceeded(message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, message)
+
+
+def status_for_exception(err: BaseException) -> tuple[grpc.StatusCode, str]:
+    """Map an exception raised while serving a request to a status code and message.
+
+    ServiceError carries its own code; a timed-out wait is DEADLINE_EXCEEDED; anything else is
+    a server bug, logged with its traceback and answered INTERNAL without internals.
+    """
+    if isinstance(err, ServiceError):
+        return err.code, err.message
+    if isinstance(err, concurrent.futures.TimeoutError | TimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, "the request deadline passed before it finished"
+    if isinstance(err, concurrent.futures.CancelledError):
+        return grpc.StatusCode.CANCELLED, "the request was cancelled"
+    _logger.error("request failed with an unexpected error", exc_info=err)
+    return grpc.StatusCode.INTERNAL, f"internal server error ({type(err).__name__}); see server log"
+
+
+# google.rpc.Code numbers for the per-image ImageStatus.code field.
+CODE_NUMBERS: dict[grpc.StatusCode, int] = {code: code.value[0] for code in grpc.StatusCode}
