@@ -289,7 +289,12 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     except FileNotFoundError as err:
         raise UsageError(f"cache file {path} not found: pass an existing .npz file") from err
     except (OSError, ValueError, EOFError) as err:
-        raise UsageError(f"cannot read cache file {path} as .npz: {err}") from err
+        # numpy's message for a file that is not an array archive suggests allow_pickle=True,
+        # which would run code from the file; this message names the expected format instead.
+        raise UsageError(
+            f"cannot read cache file {path}: it is not a NumPy .npz archive of arrays "
+            "(write one with numpy.savez)"
+        ) from err
     if not isinstance(loaded, np.lib.npyio.NpzFile):
         raise UsageError(
             f"cache file {path} is a single .npy array, expected an .npz archive of arrays"
