@@ -49,6 +49,8 @@ from cdul_server.sources import FileReader
 _logger = logging.getLogger(__name__)
 
 CACHE_FILE_NAME = "embeddings.npz"
+# Seconds without any new call that shutdown waits for before it stops gRPC.
+_QUIET_BEFORE_STOP_S = 0.2
 
 
 class StartupError(ValueError):
@@ -189,6 +191,8 @@ class LabelerServer:
         # Set once the cache file has been read, so a failed start never overwrites it.
         self._cache_loaded = False
         self.batchers: list[DynamicBatcher] = []
+        if config.cache_dir is not None:
+            _check_writable_folder(config.cache_dir, "--cache-dir")
         cache_path = config.cache_dir / CACHE_FILE_NAME if config.cache_dir else None
         self.cache = EmbeddingCache(config.cache_max_embeddings, cache_path)
         self.text_cache = VectorLru(config.text_cache_size)
@@ -408,8 +412,14 @@ class LabelerServer:
                 "grace period over with %d calls in flight; cancelling them", self.gate.in_flight
             )
         remaining = max(0.0, grace - (time.monotonic() - started))
-        # Calls in flight are done; the short grace lets health watch streams end cleanly.
-        self._grpc.stop(min(remaining, 1.0)).wait()
+        # Once gRPC's stop begins, grpcio (1.85) dispatches no new call: calls that reach the
+        # server then are CANCELLED rather than rejected. So the gate keeps rejecting calls with
+        # UNAVAILABLE until none has arrived for a moment, and stop cancels right away what is
+        # left (health watch streams, which already received NOT_SERVING).
+        # NOTE: a call that arrives during stop itself can still be CANCELLED.
+        if drained and not self.gate.wait_quiet(_QUIET_BEFORE_STOP_S, min(remaining, 1.0)):
+            _logger.info("calls still arriving while shutting down; stopping anyway")
+        self._grpc.stop(0).wait()
         for batcher in self.batchers:
             batcher.close(timeout_s=5.0)
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -433,6 +443,24 @@ class LabelerServer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop(0.0 if exc_info[0] is not None else None)
+
+
+def _check_writable_folder(folder: Path, flag: str) -> None:
+    """Create ``folder`` if needed and write and delete a probe file in it.
+
+    Raises:
+        StartupError: The folder cannot be created or written.
+    """
+    probe = folder / f".write-probe-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise StartupError(
+            f"{flag} {folder} cannot be created or written ({err.strerror or err}): "
+            "give a writable folder"
+        ) from err
 
 
 def _choose_default(

@@ -16,7 +16,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -69,6 +69,7 @@ class _Submission:
     future: Future[np.ndarray]
     admission: Admission | None
     enqueued: float
+    cancelled: threading.Event | None = None
     taken: int = 0
     filled: int = 0
     output: np.ndarray | None = None
@@ -78,6 +79,10 @@ class _Submission:
     @property
     def rows(self) -> int:
         return int(self.pixels.shape[0])
+
+    @property
+    def is_cancelled(self) -> bool:
+        return self.cancelled is not None and self.cancelled.is_set()
 
 
 class DynamicBatcher:
@@ -172,10 +177,13 @@ class DynamicBatcher:
         pixels: np.ndarray,
         admission: Admission | None = None,
         timeout_s: float | None = None,
+        cancelled: threading.Event | None = None,
     ) -> Future[np.ndarray]:
         """Queue views for encoding; the future's result has one output row per input row.
 
         Blocks while the buffer of preprocessed views is full, at most ``timeout_s`` seconds.
+        Views not yet encoded when ``cancelled`` is set are dropped, and the future raises
+        ``concurrent.futures.CancelledError``.
 
         Raises:
             QueueFullError: The batcher is closed.
@@ -203,7 +211,11 @@ class DynamicBatcher:
                 raise QueueFullError(f"the {self.name} encoder queue is closed")
             self._queue.append(
                 _Submission(
-                    pixels=pixels, future=future, admission=admission, enqueued=time.monotonic()
+                    pixels=pixels,
+                    future=future,
+                    admission=admission,
+                    enqueued=time.monotonic(),
+                    cancelled=cancelled,
                 )
             )
             self._queued_rows += rows
@@ -230,9 +242,20 @@ class DynamicBatcher:
                     if remaining <= 0:
                         break
                     self._cond.wait(remaining)
+                dropped = self._drop_cancelled_locked()
                 batch = self._take_locked()
                 self._cond.notify_all()
+            for item in dropped:
+                self._fail(item, CancelledError())
             self._encode_batch(batch)
+
+    def _drop_cancelled_locked(self) -> list[_Submission]:
+        """Remove the queued submissions of cancelled requests, so none of them is encoded."""
+        dropped = [item for item in self._queue if item.is_cancelled]
+        if dropped:
+            self._queue = deque(item for item in self._queue if not item.is_cancelled)
+            self._queued_rows -= sum(item.rows - item.taken for item in dropped)
+        return dropped
 
     def _take_locked(self) -> list[tuple[_Submission, int, int]]:
         batch: list[tuple[_Submission, int, int]] = []
@@ -250,7 +273,13 @@ class DynamicBatcher:
         return batch
 
     def _encode_batch(self, batch: list[tuple[_Submission, int, int]]) -> None:
-        live = [(item, start, stop) for item, start, stop in batch if not item.failed]
+        live = [
+            (item, start, stop)
+            for item, start, stop in batch
+            if not item.failed and not item.is_cancelled
+        ]
+        for item in {id(item): item for item, _, _ in batch if item.is_cancelled}.values():
+            self._fail(item, CancelledError())
         if not live:
             return
         pixels = (

@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
+import re
 import signal
 import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import NoReturn
 
 import prometheus_client
 
@@ -23,25 +26,51 @@ _logger = logging.getLogger(__name__)
 _DEFAULTS = ServerConfig()
 
 
+def _parse_int(text: str, requirement: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}") from None
+
+
+def _int(text: str) -> int:
+    return _parse_int(text, "an integer")
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _parse_int(text, "a positive integer")
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
 
 
 def _non_negative_int(text: str) -> int:
-    value = int(text)
+    value = _parse_int(text, "an integer of at least 0")
     if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+        raise argparse.ArgumentTypeError(f"must be an integer of at least 0, got {text!r}")
     return value
 
 
 def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be a number of at least 0, got {text}")
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number of at least 0, got {text!r}")
     return value
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """Reports a usage error on one line, naming the option, instead of the whole usage."""
+
+    def error(self, message: str) -> NoReturn:
+        # argparse words errors of one option as "argument --flag[/-f]: what is wrong".
+        match = re.match(r"argument (\S+?)(?:/\S+)?: (.*)", message, flags=re.DOTALL)
+        if match:
+            flag, problem = match.groups()
+            message = f"{flag} {problem}" if problem.startswith("must ") else f"{flag}: {problem}"
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -58,7 +87,7 @@ class _HelpFormatter(argparse.HelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     d = _DEFAULTS
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="cdul-server",
         description="Serve CLIP-driven multi-label pseudo labels (CDUL) and classifier "
         "predictions over gRPC, with dynamic batching, an embedding cache and Prometheus "
@@ -102,14 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     models.add_argument(
         "--threads",
-        type=int,
+        type=_int,
         default=d.threads,
         metavar="N",
         help="ONNX Runtime threads inside one operator (0: ONNX Runtime chooses)",
     )
     models.add_argument(
         "--inter-op-threads",
-        type=int,
+        type=_int,
         default=d.inter_op_threads,
         metavar="N",
         help="ONNX Runtime threads across operators (0: ONNX Runtime chooses)",
@@ -123,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     net = parser.add_argument_group("network")
     net.add_argument("--host", default=d.host, help="address to listen on (0.0.0.0 for all)")
-    net.add_argument("--port", type=int, default=d.port, help="gRPC port (0: any free port)")
+    net.add_argument("--port", type=_int, default=d.port, help="gRPC port (0: any free port)")
     net.add_argument(
         "--port-file",
         type=Path,
@@ -136,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     net.add_argument(
         "--metrics-port",
-        type=int,
+        type=_int,
         default=d.metrics_port,
         help="Prometheus metrics HTTP port (0: any free port)",
     )

@@ -85,11 +85,19 @@ def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as err:
-        raise DecodeError(
-            "too_many_pixels",
-            f"the image declares more pixels than Pillow decodes ({err}); the server accepts at "
-            f"most {max_pixels} pixels (--max-pixels)",
-        ) from err
+        # Pillow rejects images above twice Image.MAX_IMAGE_PIXELS before the check below runs.
+        pillow_limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        if max_pixels < pillow_limit:
+            message = (
+                f"the image declares more pixels than the server's limit of {max_pixels} "
+                "(--max-pixels)"
+            )
+        else:
+            message = (
+                f"the image declares more than {pillow_limit} pixels, the most that Pillow "
+                f"decodes (--max-pixels {max_pixels} cannot raise it)"
+            )
+        raise DecodeError("too_many_pixels", message) from err
     except UnidentifiedImageError as err:
         raise DecodeError("unidentified", "the bytes are not an image format Pillow reads") from err
     except (OSError, ValueError, SyntaxError) as err:

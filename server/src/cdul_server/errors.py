@@ -14,11 +14,41 @@ import grpc
 
 _logger = logging.getLogger(__name__)
 
+#: Characters of a user value (a model name, URI, text) that an error message repeats.
+MAX_ECHO_CHARS = 200
+#: Characters of a whole status message. gRPC sends the message in the trailing metadata, which
+#: a client rejects above 16 KiB by default (grpc.max_metadata_size), so messages stay far below.
+MAX_MESSAGE_CHARS = 2000
+
+
+def echo(value: object, max_chars: int = MAX_ECHO_CHARS) -> str:
+    """Return ``repr(value)`` for an error message, shortened to about ``max_chars`` characters.
+
+    A shortened value ends with ``...`` and its full length, such as ``'aaaa'... (20000 chars)``.
+    """
+    text = str(value)
+    if len(text) <= max_chars:
+        return repr(text) if isinstance(value, str) else text
+    head = text[:max_chars]
+    return f"{head!r}... ({len(text)} chars)" if isinstance(value, str) else f"{head}..."
+
+
+def clip_message(message: str, max_chars: int = MAX_MESSAGE_CHARS) -> str:
+    """Shorten a status message to ``max_chars`` characters, marking the cut with ``...``."""
+    if len(message) <= max_chars:
+        return message
+    return message[: max_chars - 3] + "..."
+
 
 class ServiceError(Exception):
-    """A whole-request failure with the gRPC status code it answers."""
+    """A whole-request failure with the gRPC status code it answers.
+
+    The message is shortened to :data:`MAX_MESSAGE_CHARS`, so that a long user value repeated
+    in it cannot push the status past gRPC's metadata size limit.
+    """
 
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        message = clip_message(message)
         super().__init__(message)
         self.code = code
         self.message = message
@@ -63,7 +93,7 @@ def status_for_exception(err: BaseException) -> tuple[grpc.StatusCode, str]:
     a server bug, logged with its traceback and answered INTERNAL without internals.
     """
     if isinstance(err, ServiceError):
-        return err.code, err.message
+        return err.code, clip_message(err.message)
     if isinstance(err, concurrent.futures.TimeoutError | TimeoutError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, "the request deadline passed before it finished"
     if isinstance(err, concurrent.futures.CancelledError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -108,6 +109,7 @@ class DrainGate(CallInterceptor):
         self._in_flight = 0
         self._draining = False
         self._starting = False
+        self._last_call = time.monotonic()
 
     @property
     def in_flight(self) -> int:
@@ -124,6 +126,7 @@ class DrainGate(CallInterceptor):
 
     def begin(self, method: str, context: grpc.ServicerContext) -> Any:
         with self._cond:
+            self._last_call = time.monotonic()
             if not self._draining and not self._starting:
                 self._in_flight += 1
                 return True
@@ -156,3 +159,19 @@ class DrainGate(CallInterceptor):
         """Wait until no call is in flight; return False when ``timeout_s`` passed first."""
         with self._cond:
             return self._cond.wait_for(lambda: self._in_flight == 0, timeout=timeout_s)
+
+    def wait_quiet(self, quiet_s: float, timeout_s: float) -> bool:
+        """Wait until no call has arrived for ``quiet_s`` seconds, at most ``timeout_s``.
+
+        Returns False when calls kept arriving until the timeout.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._cond:
+                quiet_until = self._last_call + quiet_s
+            now = time.monotonic()
+            if now >= quiet_until:
+                return True
+            if now >= deadline:
+                return False
+            time.sleep(min(quiet_until, deadline) - now)

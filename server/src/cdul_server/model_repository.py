@@ -150,7 +150,8 @@ def _graph_file(config: dict[str, Any], key: str, model_dir: Path, precision: st
     if file_key not in files:
         raise ModelRepositoryError(
             f"{model_dir / CONFIG_FILE} lists no {precision} graph ({file_key!r} in 'files'): "
-            f"export it (cdul-export --quantize int8 or --fp16) or use precision fp32"
+            f"export it (cdul-export {'--fp16' if precision == 'fp16' else '--quantize int8'}) "
+            "or use precision fp32"
         )
     return model_dir / str(files[file_key])
 

@@ -36,6 +36,7 @@ from cdul_server.errors import (
     CODE_NUMBERS,
     ServiceError,
     deadline_exceeded,
+    echo,
     invalid_argument,
     not_found,
     resource_exhausted,
@@ -276,6 +277,11 @@ class LabelerServicer:
             raise resource_exhausted(self.limits.request_too_large_message(request.size))
 
     def _abort(self, context: grpc.ServicerContext, err: Exception) -> None:
+        if isinstance(err, grpc.RpcError) and not context.is_active():
+            # gRPC raises a bare RpcError in the servicer when the client cancelled the call,
+            # for example while reading the next request of a stream. Nobody gets a status.
+            _logger.debug("call from %s was cancelled by the client", context.peer())
+            return
         code, message = status_for_exception(err)
         # Client errors are counted by code in cdul_requests_total; the log keeps the message.
         _logger.debug("call from %s failed with %s: %s", context.peer(), code.name, message)
@@ -359,7 +365,7 @@ class LabelerServicer:
     ) -> pb.ModelInfo:
         if request.name not in self.clip_models and request.name not in self.classifiers:
             raise not_found(
-                f"model {request.name!r} not found: the server serves {self._model_names()}"
+                f"model {echo(request.name)} not found: the server serves {self._model_names()}"
             )
         return self._model_info(request.name)
 
@@ -375,8 +381,10 @@ class LabelerServicer:
         if name in self.clip_models:
             return self.clip_models[name]
         if name in self.classifiers:
-            raise invalid_argument(f"model {name!r} is a classifier: use Predict, or a CLIP model")
-        raise not_found(f"model {name!r} not found: the server serves {self._model_names()}")
+            raise invalid_argument(
+                f"model {echo(name)} is a classifier: use Predict, or a CLIP model"
+            )
+        raise not_found(f"model {echo(name)} not found: the server serves {self._model_names()}")
 
     def _classifier(self, name: str) -> LoadedModel:
         name = name or (self.default_classifier or "")
@@ -385,8 +393,8 @@ class LabelerServicer:
         if name in self.classifiers:
             return self.classifiers[name]
         if name in self.clip_models:
-            raise invalid_argument(f"model {name!r} is a CLIP model: use PseudoLabel")
-        raise not_found(f"model {name!r} not found: the server serves {self._model_names()}")
+            raise invalid_argument(f"model {echo(name)} is a CLIP model: use PseudoLabel")
+        raise not_found(f"model {echo(name)} not found: the server serves {self._model_names()}")
 
     def _model_info(self, name: str) -> pb.ModelInfo:
         if name in self.clip_models:
@@ -425,23 +433,24 @@ class LabelerServicer:
         options = request.options
         grid_size = options.grid_size or DEFAULT_GRID_SIZE
         self.limits.check_grid_size(grid_size)
+        # Scores are softmax probabilities, so a threshold outside [0, 1] keeps all or nothing.
         threshold = (
-            _finite(options.threshold, "threshold") if options.HasField("threshold") else 0.0
+            _unit_interval(options.threshold, "threshold") if options.HasField("threshold") else 0.0
         )
         lambda_weight = (
-            _finite(options.lambda_weight, "lambda_weight")
+            _unit_interval(options.lambda_weight, "lambda_weight")
             if options.HasField("lambda_weight")
             else 0.0
         )
-        if not 0.0 <= lambda_weight <= 1.0:
-            raise invalid_argument(f"lambda_weight must be from 0 to 1, got {lambda_weight}")
         temperature = (
             _finite(options.temperature, "temperature")
             if options.HasField("temperature")
             else clip.logit_scale
         )
         if temperature <= 0:
-            raise invalid_argument(f"temperature must be positive, got {temperature}")
+            raise invalid_argument(
+                f"temperature must be a finite number greater than 0, got {temperature}"
+            )
         if options.global_view not in _GLOBAL_VIEW_NAMES:
             raise invalid_argument(f"global_view {options.global_view} is not a GlobalView value")
         view = _GLOBAL_VIEW_NAMES[options.global_view]
@@ -499,7 +508,8 @@ class LabelerServicer:
         duplicates = sorted(name for name, count in Counter(names).items() if count > 1)
         if duplicates:
             raise invalid_argument(
-                f"class names must be unique, but {duplicates[:10]} occur more than once"
+                "class names must be unique, but "
+                f"{', '.join(echo(name, 80) for name in duplicates[:10])} occur more than once"
             )
         for name in names:
             self.limits.check_prompt(name, "class name")
@@ -508,7 +518,7 @@ class LabelerServicer:
         for template in templates:
             if template.count("{}") != 1:
                 raise invalid_argument(
-                    f"template {template[:80]!r} must contain exactly one '{{}}' for the class name"
+                    f"template {echo(template)} must contain exactly one '{{}}' for the class name"
                 )
             self.limits.check_prompt(template, "template")
         longest = max(names, key=len)
@@ -668,7 +678,9 @@ class LabelerServicer:
         except ValueError as err:
             raise _TooSmall(str(err)) from err
         self.metrics.preprocess_seconds.observe(time.perf_counter() - started)
-        future = loaded.batcher.submit(pixels, admission, timeout_s=call.remaining())
+        future = loaded.batcher.submit(
+            pixels, admission, timeout_s=call.remaining(), cancelled=call.cancelled
+        )
         return _Prepared(width=decoded.width, height=decoded.height, embeddings=future)
 
     def _status(self, failure: ImageSourceError, method: str) -> pb.ImageStatus:
@@ -688,7 +700,9 @@ class LabelerServicer:
         self.limits.check_image_count(len(request.images))
         options = request.options
         threshold = (
-            _finite(options.threshold, "threshold") if options.HasField("threshold") else None
+            _unit_interval(options.threshold, "threshold")
+            if options.HasField("threshold")
+            else None
         )
         top_k = min(options.top_k, len(classifier.class_names))
         jobs = [self._job(image) for image in request.images]
@@ -772,6 +786,12 @@ def _cancel_on_error(call: _Call) -> Iterator[None]:
 def _finite(value: float, name: str) -> float:
     if not math.isfinite(value):
         raise invalid_argument(f"{name} must be a finite number, got {value}")
+    return float(value)
+
+
+def _unit_interval(value: float, name: str) -> float:
+    if not 0.0 <= value <= 1.0:  # also rejects NaN
+        raise invalid_argument(f"{name} must be a number from 0 to 1, got {value}")
     return float(value)
 
 

@@ -12,6 +12,8 @@ from urllib.parse import unquote, urlparse
 
 import grpc
 
+from cdul_server.errors import echo
+
 _logger = logging.getLogger(__name__)
 
 _CONTENT_KEY = re.compile(r"^[0-9a-f]{64}$")
@@ -43,7 +45,7 @@ def normalize_content_key(key: str) -> str:
         raise ImageSourceError(
             grpc.StatusCode.INVALID_ARGUMENT,
             "invalid_content_key",
-            f"content key {key[:80]!r} is not a SHA-256 in hex (64 hex digits)",
+            f"content key {echo(key)} is not a SHA-256 in hex (64 hex digits)",
         )
     return normalized
 
@@ -82,32 +84,54 @@ class FileReader:
                 "reading files on the server is off: start it with --allow-root DIR, or send "
                 "the image bytes",
             )
-        parsed = urlparse(uri)
+        try:
+            parsed = urlparse(uri)
+        except ValueError as err:  # such as an unclosed "[" of an IPv6 host
+            raise ImageSourceError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "uri_not_allowed",
+                f"URI {echo(uri)} cannot be parsed: {err}",
+            ) from err
         if parsed.scheme != "file" or parsed.netloc not in ("", "localhost"):
             raise ImageSourceError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "uri_not_allowed",
-                f"URI {uri[:200]!r} is not a local file:// URI",
+                f"URI {echo(uri)} is not a local file:// URI",
             )
-        requested = Path(unquote(parsed.path))
+        path_text = unquote(parsed.path)
+        if "\x00" in path_text:
+            raise ImageSourceError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "uri_not_allowed",
+                f"URI {echo(uri)} contains a NUL byte (%00), which no file path may contain",
+            )
+        requested = Path(path_text)
         if not requested.is_absolute():
             raise ImageSourceError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "uri_not_allowed",
-                f"URI {uri[:200]!r} has no absolute path: use file:///absolute/path",
+                f"URI {echo(uri)} has no absolute path: use file:///absolute/path",
             )
         try:
             resolved = requested.resolve(strict=True)
-        except (OSError, RuntimeError) as err:
+        except FileNotFoundError as err:
             raise ImageSourceError(
-                grpc.StatusCode.NOT_FOUND, "uri_unreadable", f"file {uri[:200]!r} not found"
+                grpc.StatusCode.NOT_FOUND, "uri_unreadable", f"file {echo(uri)} not found"
+            ) from err
+        except (OSError, RuntimeError, ValueError) as err:
+            # Too long a name (ENAMETOOLONG), a symlink loop, a file used as a folder, ...
+            reason = getattr(err, "strerror", None) or str(err)
+            raise ImageSourceError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "uri_unreadable",
+                f"file {echo(uri)} cannot be opened: {reason}",
             ) from err
         if not any(resolved.is_relative_to(root) for root in self.roots):
             _logger.warning("rejected a file URI outside the allowed roots: %s", uri[:200])
             raise ImageSourceError(
                 grpc.StatusCode.PERMISSION_DENIED,
                 "uri_not_allowed",
-                f"file {uri[:200]!r} is outside the folders the server may read (--allow-root)",
+                f"file {echo(uri)} is outside the folders the server may read (--allow-root)",
             )
         return self._read_resolved(resolved, uri)
 
@@ -121,17 +145,17 @@ class FileReader:
                     raise ImageSourceError(
                         grpc.StatusCode.RESOURCE_EXHAUSTED,
                         "too_large",
-                        f"file {uri[:200]!r} has {size} bytes, more than the limit of "
+                        f"file {echo(uri)} has {size} bytes, more than the limit of "
                         f"{self.max_bytes} bytes (--max-receive-message-bytes)",
                     )
                 return handle.read(self.max_bytes + 1)
         except IsADirectoryError as err:
             raise ImageSourceError(
-                grpc.StatusCode.INVALID_ARGUMENT, "uri_unreadable", f"{uri[:200]!r} is a folder"
+                grpc.StatusCode.INVALID_ARGUMENT, "uri_unreadable", f"{echo(uri)} is a folder"
             ) from err
         except OSError as err:
             raise ImageSourceError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "uri_unreadable",
-                f"file {uri[:200]!r} cannot be read: {err.strerror}",
+                f"file {echo(uri)} cannot be read: {err.strerror}",
             ) from err
