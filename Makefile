@@ -10,7 +10,7 @@ PACKAGES := proto server client export training
 # would be downloaded (several GB for a CUDA build).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-slow test-gpu lint format proto demo bench clean help
+.PHONY: install test test-slow test-gpu lint format proto demo bench digits-clip clean help
 
 help:  ## List the targets.
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -47,6 +47,10 @@ proto: install  ## Regenerate the Python code of the gRPC API.
 
 demo: install  ## Run the main job end to end on the embedded default (about 20 minutes on 2 cores).
 	$(PY) -m cdul_training.demo --out demo-output
+
+digits-clip: install  ## Retrain digits-clip (seed 0, about 5 CPU minutes) and re-export the shipped copy.
+	$(BIN)/cdul-train train-clip --out .work/digits-clip.pt --steps 1000 --seed 0 --threads 1 \
+		--export server/src/cdul_server/models/digits-clip
 
 bench: install  ## Run the benchmarks and write benchmarks/RESULTS.md.
 	$(PY) benchmarks/run.py --out benchmarks/RESULTS.md
