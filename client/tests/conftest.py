@@ -38,6 +38,7 @@ class FakeLabeler(labeler_pb2_grpc.LabelerServicer):
     """Servicer whose behavior the tests set through its attributes."""
 
     fail_next: list[grpc.StatusCode | None] = field(default_factory=list)
+    fail_message: str = ""
     delay_s: float = 0.0
     required_token: str | None = None
     forget_content_keys: bool = False
@@ -61,7 +62,7 @@ class FakeLabeler(labeler_pb2_grpc.LabelerServicer):
                 if sent != f"Bearer {self.required_token}":
                     context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token")
             if failure is not None:
-                context.abort(failure, f"injected {failure.name}")
+                context.abort(failure, self.fail_message or f"injected {failure.name}")
             if self.delay_s:
                 time.sleep(self.delay_s)
         except BaseException:

@@ -99,6 +99,7 @@ def test_pseudo_reads_lists_tars_and_files(fake_server, coco, tmp_path, capsys) 
     (nested / "x.PNG").write_bytes((images / names[4]).read_bytes())
     (nested / "notes.md").write_text("not an image")
     out = tmp_path / "out" / "labels.jsonl"
+    out.parent.mkdir()
     code, _, _ = _run(
         capsys, "pseudo", str(listing), str(shard), str(tmp_path / "tree"),
         str(images / names[5]), "--classes", str(classes),
@@ -230,6 +231,98 @@ def test_bad_class_file_is_rejected(fake_server, coco, tmp_path, capsys, content
     assert len(stderr.strip().splitlines()) == 1
     assert not out.exists()
     assert fake_server.servicer.calls == 0
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--threshold", "nan"),
+        ("--threshold", "-1"),
+        ("--threshold", "1.5"),
+        ("--lambda", "inf"),
+        ("--lambda", "-0.5"),
+        ("--temperature", "0"),
+        ("--temperature", "nan"),
+        ("--temperature", "inf"),
+        ("--timeout", "nan"),
+    ],
+)
+def test_out_of_range_option_writes_nothing(
+    fake_server, coco, tmp_path, capsys, option, value
+) -> None:
+    images, classes = coco
+    out = tmp_path / "labels.jsonl"
+    code, _, stderr = _run(
+        capsys, "pseudo", str(images), "--classes", str(classes),
+        "--server", fake_server.target, "--out", str(out), option, value,
+    )  # fmt: skip
+    assert code == 2
+    assert option in stderr
+    assert len(stderr.strip().splitlines()) == 1
+    assert not out.exists()
+    assert fake_server.servicer.calls == 0
+
+
+def test_predict_threshold_out_of_range(fake_server, coco, tmp_path, capsys) -> None:
+    images, _ = coco
+    out = tmp_path / "predictions.jsonl"
+    code, _, stderr = _run(
+        capsys, "predict", str(images), "--server", fake_server.target, "--out", str(out),
+        "--threshold", "nan",
+    )  # fmt: skip
+    assert code == 2
+    assert "--threshold" in stderr
+    assert not out.exists()
+
+
+def test_empty_output_from_crash_is_replaced(fake_server, coco, tmp_path, capsys) -> None:
+    images, classes = coco
+    first = sorted(images.iterdir())[0]
+    out = tmp_path / "labels.jsonl"
+    out.write_bytes(b"")
+    code, stdout, stderr = _run(
+        capsys, "pseudo", str(first), "--classes", str(classes),
+        "--server", fake_server.target, "--out", str(out),
+    )  # fmt: skip
+    assert code == 0, stderr
+    assert "labeled 1, failed 0" in stdout
+    assert len(_records(out)) == 1
+
+
+def test_out_in_missing_folder_is_rejected(fake_server, coco, tmp_path, capsys) -> None:
+    images, classes = coco
+    missing = tmp_path / "missing"
+    code, _, stderr = _run(
+        capsys, "pseudo", str(images), "--classes", str(classes),
+        "--server", fake_server.target, "--out", str(missing / "labels.jsonl"),
+    )  # fmt: skip
+    assert code == 2
+    assert f"{missing} of --out" in stderr
+    assert "create it first" in stderr
+    assert not missing.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "prog"),
+    [
+        (["pseudo", "x.png", "--classes", "c.json", "--out", "o.jsonl", "--grid", "abc"],
+         "cdul-label pseudo"),
+        (["pseudo", "x.png", "--classes", "c.json"], "cdul-label pseudo"),
+        (["predict", "x.png", "--out", "o.jsonl", "--top-k", "x"], "cdul-label predict"),
+        (["predict", "x.png", "--out", "o.jsonl", "--bogus"], "cdul-label"),
+        (["search"], "cdul-label search"),
+        (["frobnicate"], "cdul-label"),
+        ([], "cdul-label"),
+    ],
+)  # fmt: skip
+def test_argument_errors_are_one_line(capsys, argv, prog) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    stderr = capsys.readouterr().err
+    assert caught.value.code == 2
+    assert len(stderr.strip().splitlines()) == 1
+    assert stderr.startswith(f"{prog}: error: ")
+    assert stderr.strip().endswith(f"; see {prog} --help")
 
 
 def test_unreachable_server_and_wrong_token(fake_server, coco, tmp_path, capsys) -> None:

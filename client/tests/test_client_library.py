@@ -314,6 +314,87 @@ def test_oversized_response_is_not_retried(fake_server) -> None:
 
 
 @pytest.mark.parametrize(
+    "options",
+    [
+        {"threshold": float("nan")},
+        {"threshold": -0.1},
+        {"lambda_weight": float("inf")},
+        {"lambda_weight": 2.0},
+        {"temperature": 0.0},
+        {"temperature": float("nan")},
+    ],
+)
+def test_out_of_range_options_are_rejected(options) -> None:
+    with pytest.raises(ValueError, match=next(iter(options))):
+        PseudoLabelOptions(**options)
+
+
+def test_oversized_request_is_rejected_unsent(fake_server) -> None:
+    config = ChannelConfig(max_send_message_bytes=1024)
+    with LabelerClient(fake_server.target, channel=config, retry=FAST_RETRY) as client:
+        with pytest.raises(LabelerError) as caught:
+            client.pseudo_label([bytes(4096)], CLASSES)
+        outcomes = list(
+            client.pseudo_label_batches(
+                [[bytes(4096)], [_png((1, 2, 3))]], CLASSES, return_exceptions=True
+            )
+        )
+    assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert caught.value.reason == "message_too_large"
+    assert "max_send_message_bytes 1024" in caught.value.message
+    assert isinstance(outcomes[0], LabelerError)
+    assert outcomes[0].reason == "message_too_large"
+    assert not isinstance(outcomes[1], LabelerError)
+    assert fake_server.servicer.calls == 1
+
+
+def test_async_oversized_request_is_rejected_unsent(fake_server) -> None:
+    async def run() -> LabelerError:
+        config = ChannelConfig(max_send_message_bytes=1024)
+        async with AsyncLabelerClient(
+            fake_server.target, channel=config, retry=FAST_RETRY
+        ) as client:
+            with pytest.raises(LabelerError) as caught:
+                await client.pseudo_label([bytes(4096)], CLASSES)
+            return caught.value
+
+    error = asyncio.run(run())
+    assert error.reason == "message_too_large"
+    assert fake_server.servicer.calls == 0
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "the request message is 9000 bytes, more than the limit of 4096 bytes "
+        "(--max-receive-message-bytes): send fewer images per request",
+        "the response would be 9000 bytes, more than the limit of 4096 bytes "
+        "(--max-send-message-bytes): send fewer images per request",
+        "Received message larger than max (9000 vs. 4096)",
+    ],
+)
+def test_server_message_size_error_is_not_retried(fake_server, message) -> None:
+    fake_server.servicer.fail_next = [grpc.StatusCode.RESOURCE_EXHAUSTED]
+    fake_server.servicer.fail_message = message
+    with (
+        LabelerClient(fake_server.target, retry=FAST_RETRY) as client,
+        pytest.raises(LabelerError) as caught,
+    ):
+        client.pseudo_label([_png((1, 1, 1))], CLASSES)
+    assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert fake_server.servicer.calls == 1
+
+
+def test_queue_full_is_still_retried(fake_server) -> None:
+    fake_server.servicer.fail_next = [grpc.StatusCode.RESOURCE_EXHAUSTED]
+    fake_server.servicer.fail_message = "the queue of model 'tiny-clip' is full: retry later"
+    with LabelerClient(fake_server.target, retry=FAST_RETRY) as client:
+        response = client.pseudo_label([_png((1, 1, 1))], CLASSES)
+    assert response.results[0].ok
+    assert fake_server.servicer.calls == 2
+
+
+@pytest.mark.parametrize(
     ("images", "error"),
     [
         ([np.zeros((4, 4), dtype=np.float32)], TypeError),

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import random
+import logging
+import os
 import signal
 import subprocess
 import sys
@@ -19,10 +20,12 @@ import pytest
 
 from cdul_client import (
     AsyncLabelerClient,
+    ChannelConfig,
     ContentKey,
     LabelerClient,
     LabelerError,
     PseudoLabelOptions,
+    RetryConfig,
 )
 
 COCO_IMAGES = 128
@@ -217,37 +220,86 @@ def test_real_cli_pseudo_relabel_predict(server, coco, tmp_path) -> None:
     assert len(_records(predictions)) == COCO_IMAGES
 
 
-def test_real_sigkill_resume_exactly_once(server, coco, tmp_path) -> None:
+def _record_count(path: Path) -> int:
+    if not path.exists():
+        return 0
+    return max(path.read_bytes().count(b"\n") - 1, 0)
+
+
+def test_real_sigkill_resume_exactly_once(tiny_model_repository, coco, tmp_path) -> None:
     images, classes, _ = coco
+    # A server of its own without the image cache, so that every run computes its embeddings
+    # and none finishes before it is killed.
+    process, target = start_server(
+        tiny_model_repository, tmp_path, "--cache-max-embeddings", "0", "--max-batch-size", "8"
+    )
     out = tmp_path / "labels.jsonl"
     argv = [
         sys.executable, "-m", "cdul_client.cli", "pseudo", str(images), "--classes",
-        str(classes), "--server", server, "--out", str(out), "--batch-size", "4",
-        "--concurrency", "2", "--no-progress", "--resume",
+        str(classes), "--server", target, "--out", str(out), "--batch-size", "2",
+        "--concurrency", "1", "--no-progress", "--resume",
         "--template", "a photo of a {}.", "--template", "a blurry photo of a {}.",
     ]  # fmt: skip
-    rng = random.Random(11)
-    kills = 0
-    for _ in range(4):
-        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        start_size = out.stat().st_size if out.exists() else 0
-        deadline = time.monotonic() + 60
-        while process.poll() is None and time.monotonic() < deadline:
-            if out.exists() and out.stat().st_size > start_size:
-                break
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, 0.4))
-        if process.poll() is None:
-            process.send_signal(signal.SIGKILL)
-            kills += 1
-        process.wait()
-    assert kills >= 2
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=180)
+    try:
+        kills = []
+        for _ in range(3):
+            run = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            before = _record_count(out)
+            deadline = time.monotonic() + 60
+            # Kill as soon as this run has appended a batch, so it dies mid-run.
+            while run.poll() is None and time.monotonic() < deadline:
+                if _record_count(out) > before:
+                    break
+                time.sleep(0.005)
+            if run.poll() is None:
+                run.send_signal(signal.SIGKILL)
+                run.wait()
+                kills.append(_record_count(out))
+            else:
+                run.wait()
+        assert len(kills) == 3, f"a run finished before it was killed: {kills}"
+        assert kills[-1] < COCO_IMAGES
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=180)
+    finally:
+        stop_server(process)
     assert done.returncode == 0, done.stderr
+    assert f"skipped {kills[-1]}" in done.stdout
     assert out.read_bytes().endswith(b"\n")
     ids = [r["id"] for r in _records(out)]
     assert len(ids) == len(set(ids))
     assert sorted(ids) == sorted(p.name for p in images.iterdir())
+
+
+def test_real_oversized_request_not_retried(tiny_model_repository, tmp_path, caplog) -> None:
+    limit = 1024 * 1024
+    process, target = start_server(
+        tiny_model_repository, tmp_path, "--max-receive-message-bytes", str(limit)
+    )
+    retry = RetryConfig(max_attempts=5, initial_backoff_s=0.01, max_backoff_s=0.02)
+    big = os.urandom(limit + limit // 2)
+    try:
+        with caplog.at_level(logging.INFO, logger="cdul_client"):
+            with (
+                LabelerClient(
+                    target, retry=retry, channel=ChannelConfig(max_send_message_bytes=4 * limit)
+                ) as client,
+                pytest.raises(LabelerError) as server_side,
+            ):
+                client.pseudo_label([big], ["cat", "dog"])
+            with (
+                LabelerClient(
+                    target, retry=retry, channel=ChannelConfig(max_send_message_bytes=limit)
+                ) as client,
+                pytest.raises(LabelerError) as client_side,
+            ):
+                client.pseudo_label([big], ["cat", "dog"])
+    finally:
+        stop_server(process)
+    assert server_side.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "--max-receive-message-bytes" in server_side.value.message
+    assert client_side.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert client_side.value.reason == "message_too_large"
+    assert not [r for r in caplog.records if "retrying" in r.getMessage()]
 
 
 def test_real_wrong_token_and_vocabulary(tiny_model_repository, coco, tmp_path) -> None:

@@ -138,6 +138,77 @@ def test_missing_checkpoint_exit_code(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "not found" in _one_line_error(capsys)
 
 
+def _clip_argv(out: Path, *extra: str) -> list[str]:
+    return ["clip", "--model", "RN50", "--pretrained", "none", "--out", str(out), *extra]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--template", "no braces"), "exactly one {}"),
+        (("--template", "a {} and a {}"), "exactly one {}"),
+        (("--template", "a photo of a {}.", "--template", "plain"), "'plain'"),
+        (("--opset", "3"), "--opset 3"),
+        (("--opset", "99"), "--opset 99"),
+        (("--min-cosine", "2"), "--min-cosine 2.0"),
+        (("--min-cosine", "0"), "--min-cosine 0.0"),
+        (("--min-cosine", "nan"), "--min-cosine nan"),
+        (("--int8-min-cosine", "1.5"), "--int8-min-cosine 1.5"),
+        (("--threads", "-1"), "--threads"),
+        (("--image-std", "0.5", "0", "0.5"), "--image-std"),
+        (("--image-mean", "nan", "0.5", "0.5"), "--image-mean"),
+    ],
+)
+def test_bad_option_is_rejected_before_export(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], extra: tuple[str, ...], message: str
+) -> None:
+    repository = tmp_path / "R"
+    code = main(_clip_argv(repository / "m", *extra))
+    captured = capfd.readouterr()
+    assert code == 2
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert message in lines[0]
+    assert captured.out == ""
+    assert not repository.exists()
+
+
+def test_classifier_bad_option_is_rejected(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repository = tmp_path / "R"
+    code = main(
+        ["classifier", "--checkpoint", str(tmp_path / "none.pt"), "--out", str(repository / "c"),
+         "--max-abs-logit-diff", "nan"]
+    )  # fmt: skip
+    assert code == 2
+    assert "--max-abs-logit-diff" in _one_line_error(capsys)
+    assert not repository.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "prog"),
+    [
+        (["clip", "--model", "RN50"], "cdul-export clip"),
+        (["clip", "--model", "RN50", "--pretrained", "none", "--out", "x", "--opset", "a"],
+         "cdul-export clip"),
+        (["classifier", "--out", "x"], "cdul-export classifier"),
+        (["export"], "cdul-export"),
+        ([], "cdul-export"),
+    ],
+)  # fmt: skip
+def test_argument_errors_are_one_line(
+    capsys: pytest.CaptureFixture[str], argv: list[str], prog: str
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert len(err.strip().splitlines()) == 1
+    assert err.startswith(f"{prog}: error: ")
+    assert err.strip().endswith(f"; see {prog} --help")
+
+
 def test_cli_run_writes_loadable_repository(tmp_path: Path, shared_data: Path) -> None:
     out = tmp_path / "models" / "digits-clip"
     result = subprocess.run(

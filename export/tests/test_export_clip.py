@@ -186,12 +186,21 @@ def test_checkpoint_path_gives_same_embeddings(tmp_path: Path, coco_images: Path
     assert row_cosines(actual_text, expected_text.numpy()).min() >= 0.9999
 
 
-def test_failed_parity_leaves_nothing(tmp_path: Path, coco_images: Path) -> None:
+def _allow_unreachable_cosine(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No export reaches a cosine of 1.5. The option check that rejects it up front is
+    # bypassed, so that the parity check itself fails.
+    monkeypatch.setattr("cdul_export.clip_export.check_common_options", lambda **kwargs: None)
+
+
+def test_failed_parity_leaves_nothing(
+    tmp_path: Path, coco_images: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _allow_unreachable_cosine(monkeypatch)
     out = tmp_path / "repo" / "broken"
     with pytest.raises(ParityError, match=r"image_min_cosine = .* below the threshold 1\.5"):
         export_clip(_options(out, coco_images, min_cosine=1.5, parity_batch_sizes=(2,)))
     assert not out.exists()
-    assert _siblings(out) == []
+    assert not out.parent.exists()
 
 
 def test_existing_folder_rejected_then_overwritten(
@@ -210,8 +219,9 @@ def test_existing_folder_rejected_then_overwritten(
 
 
 def test_failed_overwrite_keeps_old_folder(
-    tmp_path: Path, coco_images: Path, digits_export: Path
+    tmp_path: Path, coco_images: Path, digits_export: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    _allow_unreachable_cosine(monkeypatch)
     out = tmp_path / "repo" / "digits-clip"
     shutil.copytree(digits_export, out)
     with pytest.raises(ParityError):

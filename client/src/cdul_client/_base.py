@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
+import re
 import time
+from typing import Any
+
+import grpc
 
 from cdul_client.config import ChannelConfig, RetryConfig, TlsConfig
 from cdul_client.errors import LabelerError
@@ -12,8 +17,21 @@ from cdul_client.errors import LabelerError
 _logger = logging.getLogger(__name__)
 
 _LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]", "::1")
-# Part of grpcio's status details for a message over the send or receive limit.
-_MESSAGE_TOO_LARGE = "larger than max"
+MESSAGE_TOO_LARGE_REASON = "message_too_large"
+# Status details of a message over a size limit: grpcio's own ("Sent message larger than max
+# (N vs. M)", "Received message larger than max ..."), cdul-server's (which name its
+# --max-receive-message-bytes and --max-send-message-bytes flags) and this client's (which
+# name max_send_message_bytes).
+_MESSAGE_TOO_LARGE = re.compile(
+    r"larger than max|max[-_](send|receive)[-_]message[-_](bytes|length)", re.IGNORECASE
+)
+
+
+def is_message_size_error(error: LabelerError) -> bool:
+    """Return whether a failed call exceeded a message size limit, so a retry cannot help."""
+    return error.reason == MESSAGE_TOO_LARGE_REASON or bool(
+        _MESSAGE_TOO_LARGE.search(error.message)
+    )
 
 
 class ClientSettings:
@@ -33,8 +51,8 @@ class ClientSettings:
             raise ValueError(
                 f"target {target!r} is not a gRPC target: pass HOST:PORT, such as localhost:50051"
             )
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be > 0 s, got {timeout_s}")
+        if not (math.isfinite(timeout_s) and timeout_s > 0):
+            raise ValueError(f"timeout_s must be a finite number > 0 s, got {timeout_s}")
         if token is not None and (not token or "\n" in token or token != token.strip()):
             raise ValueError(
                 "token is empty or contains whitespace at its ends or a line break: pass the "
@@ -59,9 +77,26 @@ class ClientSettings:
         """Return the deadline of one call in seconds: the given one or the client's default."""
         if timeout_s is None:
             return self.timeout_s
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be > 0 s, got {timeout_s}")
+        if not (math.isfinite(timeout_s) and timeout_s > 0):
+            raise ValueError(f"timeout_s must be a finite number > 0 s, got {timeout_s}")
         return timeout_s
+
+    def check_request_size(self, request: Any, method: str) -> None:
+        """Raise a RESOURCE_EXHAUSTED LabelerError for a request over max_send_message_bytes.
+
+        The check runs before the request is sent. gRPC checks the limit too, but only after
+        serializing the request, and its error does not name the setting to change.
+        """
+        size = request.ByteSize()
+        limit = self.channel_config.max_send_message_bytes
+        if size > limit:
+            raise LabelerError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the {method} request is {size} bytes, more than max_send_message_bytes "
+                f"{limit}: send fewer or smaller images per call, or raise "
+                "max_send_message_bytes (and the server's --max-receive-message-bytes)",
+                reason=MESSAGE_TOO_LARGE_REASON,
+            )
 
     def retry_delay_s(
         self, error: LabelerError, attempt: int, deadline: float, method: str
@@ -73,9 +108,9 @@ class ClientSettings:
         """
         if error.code not in self.retry.retryable_codes or attempt >= self.retry.max_attempts:
             return None
-        if _MESSAGE_TOO_LARGE in error.message:
-            # gRPC reports a message over the size limit as RESOURCE_EXHAUSTED too, and the
-            # same message would exceed the limit again.
+        if is_message_size_error(error):
+            # A message over a size limit is RESOURCE_EXHAUSTED too, but the same message
+            # would exceed the limit again.
             return None
         delay = self.retry.backoff_s(attempt, self.rng)
         if time.monotonic() + delay >= deadline:

@@ -292,6 +292,7 @@ class AsyncLabelerClient:
         return await self._call_until(method, request, deadline, name)
 
     async def _call_until(self, method: Any, request: Any, deadline: float, name: str) -> Any:
+        self._settings.check_request_size(request, name)
         for attempt in itertools.count(1):
             try:
                 return await method(

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
@@ -31,6 +32,7 @@ from cdul_client.labelfile import (
     PREDICTION_FORMAT,
     PSEUDO_LABEL_FORMAT,
     OutputError,
+    check_output_folder,
     errors_path,
     open_error_log,
     open_output,
@@ -88,9 +90,16 @@ def _fail(message: str) -> None:
     print(f"cdul-label: error: {message}", file=sys.stderr)
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line that points to --help, without usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser of `cdul-label` and its subcommands."""
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="cdul-label",
         description=(
             "Label image corpora with a cdul server: CDUL pseudo labels (pseudo, relabel), "
@@ -100,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"cdul-label {__version__}")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subparsers = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_ArgumentParser
+    )
     connection = _connection_parser()
     output = _output_parser()
 
@@ -219,8 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _connection_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(add_help=False)
+def _connection_parser() -> _ArgumentParser:
+    parser = _ArgumentParser(add_help=False)
     group = parser.add_argument_group("server connection")
     group.add_argument(
         "--server",
@@ -287,15 +298,15 @@ def _connection_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _output_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(add_help=False)
+def _output_parser() -> _ArgumentParser:
+    parser = _ArgumentParser(add_help=False)
     group = parser.add_argument_group("output")
     group.add_argument(
         "--out",
         required=True,
         type=Path,
         metavar="FILE",
-        help="output file; failed images go to FILE.errors.jsonl",
+        help="output file, in an existing folder; failed images go to FILE.errors.jsonl",
     )
     group.add_argument(
         "--format",
@@ -380,8 +391,8 @@ def _add_pseudo_options(parser: argparse.ArgumentParser, *, defaults: bool) -> N
         type=float,
         default=weight,
         metavar="WEIGHT",
-        help="weight of |global - aggregate| in the final label (global + aggregate + "
-        f"WEIGHT * |global - aggregate|) / 2 (default: {weight_text})",
+        help="weight in [0, 1] of |global - aggregate| in the final label (global + "
+        f"aggregate + WEIGHT * |global - aggregate|) / 2 (default: {weight_text})",
     )
     _, temperature_text = default(None, "the model's logit scale, about 100 for CLIP")
     group.add_argument(
@@ -389,8 +400,8 @@ def _add_pseudo_options(parser: argparse.ArgumentParser, *, defaults: bool) -> N
         type=float,
         default=None,
         metavar="T",
-        help=f"multiplier of the cosine similarities before the softmax (default: "
-        f"{temperature_text})",
+        help=f"multiplier of the cosine similarities before the softmax, a finite number > 0 "
+        f"(default: {temperature_text})",
     )
     view, view_text = default("center_crop", "center_crop")
     group.add_argument(
@@ -519,6 +530,9 @@ def _check_run_options(args: argparse.Namespace) -> None:
         raise UsageError(f"--concurrency must be at least 1, got {args.concurrency}")
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other: pass one")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise UsageError(f"--timeout must be a finite number of seconds > 0, got {args.timeout}")
+    check_output_folder(args.out)
 
 
 def _output_format(args: argparse.Namespace) -> str:
@@ -534,12 +548,23 @@ def _pseudo_options(args: argparse.Namespace, base: dict[str, Any]) -> PseudoLab
             value = base.get(header_name)
         return fallback if value is None else value
 
+    threshold = float(pick("threshold", "threshold", 0.0))
+    lambda_weight = float(pick("lambda_weight", "lambda_weight", 0.0))
+    temperature = pick("temperature", "temperature", None)
+    for option, value in (("--threshold", threshold), ("--lambda", lambda_weight)):
+        if not 0.0 <= value <= 1.0:
+            raise UsageError(f"{option} must be in [0, 1], got {value}")
+    if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
+        raise UsageError(
+            f"--temperature must be a finite number > 0, got {temperature}: pass about 100 "
+            "for CLIP, or leave it out for the model's logit scale"
+        )
     try:
         return PseudoLabelOptions(
             grid_size=int(pick("grid", "grid_size", 3)),
-            threshold=float(pick("threshold", "threshold", 0.0)),
-            lambda_weight=float(pick("lambda_weight", "lambda_weight", 0.0)),
-            temperature=pick("temperature", "temperature", None),
+            threshold=threshold,
+            lambda_weight=lambda_weight,
+            temperature=temperature,
             global_view=str(pick("global_view", "global_view", "center_crop")),
             templates=tuple(pick("templates", "templates", ())),
             return_tile_scores=args.tiles,
@@ -739,9 +764,11 @@ def _print_summary(summary: Summary, out: Path) -> None:
 def run_predict(args: argparse.Namespace) -> int:
     """`cdul-label predict`."""
     _check_run_options(args)
-    images = discover(args.inputs, _extensions(args.extensions))
     if args.top_k < 0:
         raise UsageError(f"--top-k must be >= 0, got {args.top_k}")
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        raise UsageError(f"--threshold must be a score in [0, 1], got {args.threshold}")
+    images = discover(args.inputs, _extensions(args.extensions))
     with make_client(args) as client:
         model = _classifier_model(client, args.model)
         header = {

@@ -42,7 +42,9 @@ class LabelerClient:
     """A blocking client of `cdul.v1.Labeler`, used as a context manager or closed with close().
 
     Every call has a deadline (`timeout_s`, 60 s by default) that covers its retries, and is
-    retried with exponential backoff and jitter on UNAVAILABLE and RESOURCE_EXHAUSTED only.
+    retried with exponential backoff and jitter on UNAVAILABLE and RESOURCE_EXHAUSTED only,
+    never for a message over a size limit. A request larger than
+    `ChannelConfig.max_send_message_bytes` fails with RESOURCE_EXHAUSTED before it is sent.
     Every failure reaches the caller as a `LabelerError`. One client is safe to share
     between threads.
 
@@ -403,6 +405,7 @@ class LabelerClient:
         name: str,
     ) -> Any:
         deadline = time.monotonic() + self._settings.call_timeout(timeout_s)
+        self._settings.check_request_size(request, name)
         for attempt in itertools.count(1):
             try:
                 return method(
@@ -443,13 +446,20 @@ class LabelerClient:
                     if request is None:
                         exhausted = True
                         break
-                    pending.append(self._start(method, request, time.monotonic() + timeout))
+                    deadline = time.monotonic() + timeout
+                    try:
+                        self._settings.check_request_size(request, name)
+                    except LabelerError as error:
+                        pending.append(_PendingCall(request, None, deadline, error))
+                        continue
+                    pending.append(self._start(method, request, deadline))
                 if not pending:
                     return
                 yield self._finish(method, pending.popleft(), name)
         finally:
             for call in pending:
-                call.future.cancel()
+                if call.future is not None:
+                    call.future.cancel()
 
     def _start(
         self, method: grpc.UnaryUnaryMultiCallable, request: Any, deadline: float
@@ -463,6 +473,8 @@ class LabelerClient:
 
     def _finish(self, method: grpc.UnaryUnaryMultiCallable, call: _PendingCall, name: str) -> Any:
         for attempt in itertools.count(1):
+            if call.future is None:
+                return call.error
             try:
                 return call.future.result()
             except grpc.RpcError as err:
@@ -476,12 +488,21 @@ class LabelerClient:
 
 
 class _PendingCall:
-    __slots__ = ("deadline", "future", "request")
+    """A call in flight, or (with `future` None) one that failed before it was sent."""
 
-    def __init__(self, request: Any, future: grpc.Future, deadline: float) -> None:
+    __slots__ = ("deadline", "error", "future", "request")
+
+    def __init__(
+        self,
+        request: Any,
+        future: grpc.Future | None,
+        deadline: float,
+        error: LabelerError | None = None,
+    ) -> None:
         self.request = request
         self.future = future
         self.deadline = deadline
+        self.error = error
 
 
 def _new_request_id() -> str:

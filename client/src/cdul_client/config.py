@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,9 +23,9 @@ class ChannelConfig:
     """gRPC channel options, set explicitly instead of relying on gRPC's defaults.
 
     Attributes:
-        max_send_message_bytes: largest request the client sends (gRPC's default is unlimited
-            on the client but 4 MiB on most servers, so a batch of large photographs needs the
-            server raised too).
+        max_send_message_bytes: largest request the client sends; a larger one fails with
+            RESOURCE_EXHAUSTED before it is sent (gRPC's default is unlimited on the client but
+            4 MiB on most servers, so a batch of large photographs needs the server raised too).
         max_receive_message_bytes: largest response the client accepts; embeddings of a big
             batch exceed gRPC's 4 MiB default.
         keepalive_time_ms: interval of HTTP/2 keepalive pings; 0 disables them.
@@ -161,10 +162,12 @@ class PseudoLabelOptions:
 
     Attributes:
         grid_size: tiles per side of the grid (3 gives 9 tiles).
-        threshold: aggregation threshold on the per-class maximum over tiles; None is the
-            server's default (0).
-        lambda_weight: weight of |global - aggregate| in the final pseudo label; None is 0.
-        temperature: multiplier of the cosine similarities; None is the model's logit scale.
+        threshold: aggregation threshold in [0, 1] on the per-class maximum over tiles; None
+            is the server's default (0).
+        lambda_weight: weight in [0, 1] of |global - aggregate| in the final pseudo label;
+            None is 0.
+        temperature: multiplier of the cosine similarities, finite and > 0; None is the
+            model's logit scale.
         global_view: "center_crop", "squash" or "pad".
         templates: prompt templates with one "{}" each; empty uses the model's defaults.
         return_tile_scores: also return the (grid_size^2, C) tile scores.
@@ -183,6 +186,17 @@ class PseudoLabelOptions:
     def __post_init__(self) -> None:
         if self.grid_size < 1:
             raise ValueError(f"grid_size must be at least 1, got {self.grid_size}")
+        for name in ("threshold", "lambda_weight"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        if self.temperature is not None and not (
+            math.isfinite(self.temperature) and self.temperature > 0
+        ):
+            raise ValueError(
+                f"temperature must be a finite number > 0, got {self.temperature}: pass about "
+                "100 for CLIP, or None for the model's logit scale"
+            )
         if self.global_view not in GLOBAL_VIEWS:
             raise ValueError(
                 f"global_view {self.global_view!r} is not one of {', '.join(GLOBAL_VIEWS)}"

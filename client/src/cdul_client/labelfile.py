@@ -104,14 +104,25 @@ def open_output(
 ) -> tuple[RecordSink, set[str]]:
     """Create or resume an output and return its sink and the ids it already contains.
 
+    An empty file at the output path (left by a run that failed before it wrote the header)
+    holds no records, so it is replaced like a missing one.
+
     Raises:
-        OutputError: the output exists without --resume or --overwrite, it was written with
-            another header (vocabulary, model or options), or it is damaged.
+        OutputError: the output's folder does not exist, the output exists without --resume
+            or --overwrite, it was written with another header (vocabulary, model or
+            options), or it is damaged.
     """
     if file_format not in ("jsonl", "parquet"):
         raise OutputError(f"unknown output format {file_format!r}: use jsonl or parquet")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_output_folder(out)
+    # Serialized before any file is touched, so a header that is not valid JSON (such as a
+    # NaN option) leaves nothing behind.
+    header_line = (_dumps(header) + "\n").encode("utf-8")
     target = journal_path(out) if file_format == "parquet" else out
+    for path in (target, out):
+        if path.is_file() and path.stat().st_size == 0:
+            _logger.warning("%s is empty (an earlier run wrote no header): replacing it", path)
+            path.unlink()
     existing = [path for path in (target, out) if path.exists()]
     if existing and not (resume or overwrite):
         raise OutputError(
@@ -129,13 +140,21 @@ def open_output(
         old_header, done = recover_jsonl(target)
     if old_header is None:
         with target.open("wb") as stream:
-            stream.write((_dumps(header) + "\n").encode("utf-8"))
+            stream.write(header_line)
             stream.flush()
             os.fsync(stream.fileno())
         _fsync_folder(target.parent)
     else:
         check_resumable(old_header, header, target)
     return RecordSink(out, file_format, JsonlAppender(target)), done
+
+
+def check_output_folder(out: Path) -> None:
+    """Raise OutputError unless the folder of the output path exists."""
+    folder = out.parent
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise OutputError(f"the folder {folder} of --out {out} {what}: create it first")
 
 
 def check_resumable(old: dict[str, Any], new: dict[str, Any], path: Path) -> None:

@@ -22,6 +22,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from cdul_export import __version__
+from cdul_export.checks import check_common_options, check_positive
 from cdul_export.onnx_io import export_onnx
 from cdul_export.parity import (
     FP32_MIN_COSINE,
@@ -295,6 +296,14 @@ def export_classifier(options: ClassifierExportOptions) -> Path:
     """
     if options.quantize not in (None, "int8"):
         raise ExportError(f"--quantize {options.quantize!r} is invalid: use int8")
+    check_common_options(
+        opset=options.opset,
+        parity_count=options.parity_count,
+        parity_batch_sizes=options.parity_batch_sizes,
+        min_cosine=options.min_cosine,
+        threads=options.threads,
+    )
+    check_positive("--max-abs-logit-diff", options.max_abs_logit_diff)
     out = check_output_folder(options.out, options.overwrite)
     checkpoint = read_checkpoint(options.checkpoint)
     images = load_parity_images(options.parity_images, options.parity_count)

@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from cdul_export import __version__
 from cdul_export.parity import FP32_MIN_COSINE
@@ -16,6 +17,13 @@ _logger = logging.getLogger(__name__)
 
 EXIT_PARITY = 1
 EXIT_USAGE = 2
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line that points to --help, without usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
 def _batch_sizes(text: str) -> tuple[int, ...]:
@@ -51,7 +59,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace --out if it exists (default: reject)"
     )
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset version (default: 17)")
+    parser.add_argument(
+        "--opset",
+        type=int,
+        default=17,
+        help="ONNX opset version, within the range of the installed torch exporter (default: 17)",
+    )
     parser.add_argument(
         "--quantize",
         choices=["int8"],
@@ -82,7 +95,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         "--min-cosine",
         type=float,
         default=FP32_MIN_COSINE,
-        help=f"minimum cosine between PyTorch and ONNX outputs (default: {FP32_MIN_COSINE})",
+        help="minimum cosine in (0, 1] between PyTorch and ONNX outputs (default: "
+        f"{FP32_MIN_COSINE})",
     )
     parser.add_argument(
         "--threads",
@@ -94,7 +108,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of ``cdul-export``."""
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="cdul-export",
         description="Export open_clip models and cdul classifiers to an ONNX model repository, "
         "checking parity with PyTorch before anything is written.",
@@ -106,7 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="logging level on stderr (default: WARNING)",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{clip,classifier}")
+    sub = parser.add_subparsers(
+        dest="command",
+        required=True,
+        metavar="{clip,classifier}",
+        parser_class=_ArgumentParser,
+    )
 
     clip = sub.add_parser(
         "clip",
@@ -145,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="with --quantize int8, fail when the int8 image cosine against fp32 PyTorch is "
-        "below this (default: record only)",
+        "below this cosine in (0, 1] (default: record only)",
     )
     clip.add_argument(
         "--fp16",
@@ -163,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--template",
         action="append",
         default=None,
-        help="default prompt template with {} for the class name, repeatable "
+        help="default prompt template with exactly one {} for the class name, repeatable "
         "(default: 'a photo of a {}.')",
     )
     clip.add_argument(

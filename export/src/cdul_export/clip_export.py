@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cdul_export import __version__
+from cdul_export.checks import check_common_options, check_cosine, check_finite, check_templates
 from cdul_export.gpu import build_tensorrt_engine, check_gpu_options, export_fp16_image
 from cdul_export.onnx_io import export_onnx
 from cdul_export.parity import (
@@ -462,8 +463,17 @@ def export_clip(options: ClipExportOptions) -> Path:
         raise ExportError(f"--token-dtype {options.token_dtype!r} is invalid: use int64 or int32")
     if options.quantize not in (None, "int8"):
         raise ExportError(f"--quantize {options.quantize!r} is invalid: use int8")
-    if any(b < 1 for b in options.parity_batch_sizes) or not options.parity_batch_sizes:
-        raise ExportError(f"parity batch sizes {options.parity_batch_sizes} must be positive")
+    check_common_options(
+        opset=options.opset,
+        parity_count=options.parity_count,
+        parity_batch_sizes=options.parity_batch_sizes,
+        min_cosine=options.min_cosine,
+        threads=options.threads,
+    )
+    check_cosine("--int8-min-cosine", options.int8_min_cosine)
+    check_templates(options.default_templates)
+    check_finite("--image-mean", options.preprocess_overrides.get("mean"), positive=False)
+    check_finite("--image-std", options.preprocess_overrides.get("std"), positive=True)
     check_gpu_options(fp16=options.fp16, tensorrt=options.tensorrt)
     out = check_output_folder(options.out, options.overwrite)
     name = resolve_model_name(options.model, options.model_config)

@@ -42,10 +42,12 @@ def check_output_folder(out: Path, overwrite: bool) -> Path:
 def staged_folder(out: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary sibling folder of ``out`` and rename it to ``out`` on success.
 
-    On any exception the temporary folder is deleted and ``out`` is left as it was. With
-    ``overwrite``, an existing ``out`` is replaced only after the new folder is complete.
+    On any exception the temporary folder and the parent folders that this call created are
+    deleted, and ``out`` is left as it was. With ``overwrite``, an existing ``out`` is replaced
+    only after the new folder is complete.
     """
     out = check_output_folder(out, overwrite)
+    created = [folder for folder in out.parents if not folder.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -53,6 +55,7 @@ def staged_folder(out: Path, overwrite: bool) -> Iterator[Path]:
         os.chmod(stage, 0o755)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
+        _remove_empty_folders(created)
         raise
     if out.exists():
         old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
@@ -62,6 +65,15 @@ def staged_folder(out: Path, overwrite: bool) -> Iterator[Path]:
     else:
         stage.rename(out)
     _logger.info("wrote %s", out)
+
+
+def _remove_empty_folders(folders: list[Path]) -> None:
+    # Deepest first; a folder that something else wrote into meanwhile stays.
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def load_staged(folder: Path, session: SessionConfig) -> ClipModel | ClassifierModel:
