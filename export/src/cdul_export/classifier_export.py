@@ -193,15 +193,15 @@ def _load_state(model: nn.Module, checkpoint: ClassifierCheckpoint) -> None:
 def _image_preprocess(checkpoint: ClassifierCheckpoint) -> PreprocessConfig:
     if checkpoint.preprocess:
         return PreprocessConfig.from_dict(checkpoint.preprocess)
-    from cdul_training.classifiers import DEFAULT_IMAGE_SIZE
+    from cdul_training.classifiers import DEFAULT_IMAGE_SIZE, SMALL_CNNS
 
     size = checkpoint.image_size or DEFAULT_IMAGE_SIZE.get(checkpoint.arch)
     if size is None:
         raise ExportError(
             f"--checkpoint {checkpoint.path} names no image_size for {checkpoint.arch}"
         )
-    # The training image loader squashes with bilinear resampling; the small CNN uses 0.5/0.5.
-    small = checkpoint.arch == "small-cnn"
+    # The training image loader squashes with bilinear resampling; the small CNNs use 0.5/0.5.
+    small = checkpoint.arch in SMALL_CNNS
     return PreprocessConfig(
         size=int(size),
         mean=(0.5, 0.5, 0.5) if small else IMAGENET_MEAN,

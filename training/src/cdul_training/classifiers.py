@@ -12,22 +12,31 @@ from torch import nn
 
 _logger = logging.getLogger(__name__)
 
-ARCHS = ("resnet50", "resnet101", "small-cnn", "clip-linear")
+ARCHS = ("resnet50", "resnet101", "small-cnn", "cnn-maxavg", "clip-linear")
+# The small CNNs by name: (width, global pooling). They take pixels normalized with 0.5/0.5.
+SMALL_CNNS = {"small-cnn": (32, "avg"), "cnn-maxavg": (32, "max+avg")}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Default input side in pixels: 448 for ResNets as in the multi-label literature, 64 for the
 # small CNN (digit scenes are 96 px); clip-linear takes embeddings, not pixels.
-DEFAULT_IMAGE_SIZE = {"resnet50": 448, "resnet101": 448, "small-cnn": 64}
+DEFAULT_IMAGE_SIZE = {"resnet50": 448, "resnet101": 448} | {name: 64 for name in SMALL_CNNS}
 
 
 class SmallCNN(nn.Module):
-    """Four conv-BN-ReLU stages with max pooling, global average pooling and a linear head.
+    """Four conv-BN-ReLU stages with max pooling, global pooling and a linear head.
 
     About 0.24 M parameters at width 32; meant for small images (32 to 128 px) such as digit scenes.
+    Global pooling `avg` averages each channel over the image. `max+avg` concatenates the
+    channel maxima with the averages, so that one small object anywhere in the image can raise
+    its class score.
     """
 
-    def __init__(self, num_classes: int, width: int = 32) -> None:
+    def __init__(self, num_classes: int, width: int = 32, pooling: str = "avg") -> None:
         super().__init__()
+        if pooling not in ("avg", "max+avg"):
+            raise ValueError(f"unknown pooling {pooling!r}: use avg or max+avg")
+        if width <= 0:
+            raise ValueError(f"width {width}: use 1 or more channels")
         channels = [3, width, 2 * width, 4 * width, 4 * width]
         layers: list[nn.Module] = []
         for c_in, c_out in itertools.pairwise(channels):
@@ -38,12 +47,18 @@ class SmallCNN(nn.Module):
                 nn.MaxPool2d(2),
             ]
         self.features = nn.Sequential(*layers)
+        self.pooling = pooling
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.head = nn.Linear(channels[-1], num_classes)
+        pooled = channels[-1] * (2 if pooling == "max+avg" else 1)
+        self.head = nn.Linear(pooled, num_classes)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """Map pixels (B, 3, S, S) to logits (B, C)."""
-        return self.head(self.pool(self.features(pixels)).flatten(1))
+        features = self.features(pixels)
+        pooled = self.pool(features).flatten(1)
+        if self.pooling == "max+avg":
+            pooled = torch.cat([torch.amax(features, dim=(2, 3)), pooled], dim=1)
+        return self.head(pooled)
 
 
 class LinearHead(nn.Module):
@@ -81,9 +96,10 @@ def build_classifier(
             raise ValueError("clip-linear needs the embedding size of the CLIP model")
         _require_no_weights(arch, weights)
         return LinearHead(embedding_dim, num_classes)
-    if arch == "small-cnn":
+    if arch in SMALL_CNNS:
         _require_no_weights(arch, weights)
-        return SmallCNN(num_classes)
+        width, pooling = SMALL_CNNS[arch]
+        return SmallCNN(num_classes, width, pooling)
     return _build_resnet(arch, num_classes, weights)
 
 

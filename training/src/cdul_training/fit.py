@@ -33,6 +33,7 @@ from cdul_training.classifiers import (
     DEFAULT_IMAGE_SIZE,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    SMALL_CNNS,
     build_classifier,
 )
 from cdul_training.datasets import (
@@ -211,7 +212,7 @@ def _preprocess_for(config: FitConfig) -> tuple[int | None, Any, Any, dict[str, 
         pre = clip_config["preprocess"]
         return int(pre["size"]), tuple(pre["mean"]), tuple(pre["std"]), clip_config
     size = config.image_size or DEFAULT_IMAGE_SIZE[config.arch]
-    if config.arch == "small-cnn":
+    if config.arch in SMALL_CNNS:
         return size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), clip_config
     return size, IMAGENET_MEAN, IMAGENET_STD, clip_config
 
@@ -706,7 +707,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--image-size",
         type=int,
         help="input side in pixels; images are resized (squashed) to it (default 448 for "
-        "ResNets, 64 for small-cnn; clip-linear takes none)",
+        "ResNets, 64 for small-cnn and cnn-maxavg; clip-linear takes none)",
     )
     model.add_argument(
         "--augment",
