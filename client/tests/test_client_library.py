@@ -496,3 +496,18 @@ def test_tls_with_custom_root_certificate(fake_server_factory, tmp_path: Path) -
         client.list_models(timeout_s=2)
     with pytest.raises(ValueError, match="cannot read root_certificates"):
         LabelerClient(server.target, tls=TlsConfig(root_certificates=tmp_path / "missing.pem"))
+
+
+def test_record_path_relative_with_relative_out_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cdul_client.corpus import CorpusImage
+    from cdul_client.labeling import record_path
+
+    (tmp_path / "imgs").mkdir()
+    image = tmp_path / "imgs" / "a.png"
+    image.write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    entry = CorpusImage(id="a.png", path=Path("imgs/a.png"))
+    assert record_path(entry, Path(".")) == "imgs/a.png"
+    assert record_path(entry, Path("other")) == image.as_posix()

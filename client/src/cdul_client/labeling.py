@@ -225,7 +225,7 @@ def record_path(image: CorpusImage, out_dir: Path) -> str:
     else absolute, so that `out_dir / path` finds the file in both cases."""
     absolute = Path(os.path.abspath(image.path))
     try:
-        return absolute.relative_to(out_dir).as_posix()
+        return absolute.relative_to(os.path.abspath(out_dir)).as_posix()
     except ValueError:
         return absolute.as_posix()
 
