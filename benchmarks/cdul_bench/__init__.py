@@ -1,0 +1,1 @@
+"""Throughput and latency benchmarks of cdul, run by ``benchmarks/run.py``."""
