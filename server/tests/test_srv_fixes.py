@@ -322,3 +322,30 @@ def test_batcher_drops_cancelled_work() -> None:
     finally:
         batcher.close()
     assert encoded == [4, 2]
+
+
+def test_concurrent_new_vocabulary_encoded_once(
+    server_factory, srv: SimpleNamespace, coco_images
+) -> None:
+    server = server_factory()
+    stub = srv.stub_for(server)
+    vocabulary = [f"object number {index}" for index in range(20)]
+    barrier = threading.Barrier(4)
+    statuses: list[int] = []
+
+    def call(index: int) -> None:
+        request = srv.pseudo_request([coco_images[index]], vocabulary)
+        barrier.wait()
+        response = stub.PseudoLabel(request, timeout=60)
+        statuses.append(response.results[0].status.code)
+
+    threads = [threading.Thread(target=call, args=(index,)) for index in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert statuses == [0, 0, 0, 0]
+    text = srv.scrape(server)
+    encoder_calls = srv.metric_value(text, "cdul_text_encoder_seconds_count", model="tiny-clip")
+    assert encoder_calls == 1

@@ -211,6 +211,7 @@ class LabelerServicer:
         self.default_classifier = default_classifier
         self.cache = cache
         self.text_cache = text_cache
+        self._text_encode_lock = threading.Lock()
         self.prediction_cache = prediction_cache
         self.limits = limits
         self.files = files
@@ -549,8 +550,29 @@ class LabelerServicer:
             for prompt, vector in zip(unique, cached, strict=True)
             if vector is not None
         }
-        for start in range(0, len(missing), _TEXT_CHUNK):
-            chunk = missing[start : start + _TEXT_CHUNK]
+        if missing:
+            # One request at a time encodes prompts, so concurrent requests that bring the same
+            # new vocabulary encode it once: the others find it in the cache after the wait.
+            with self._text_encode_lock:
+                again = self.text_cache.get_many(loaded.key, missing)
+                found.update(
+                    (prompt, vector)
+                    for prompt, vector in zip(missing, again, strict=True)
+                    if vector is not None
+                )
+                missing = [
+                    prompt for prompt, vector in zip(missing, again, strict=True) if vector is None
+                ]
+                self._encode_prompts(loaded, missing, found)
+        return np.stack([found[prompt] for prompt in prompts]).astype(np.float32)
+
+    def _encode_prompts(
+        self, loaded: LoadedModel, prompts: list[str], found: dict[str, np.ndarray]
+    ) -> None:
+        clip = loaded.model
+        assert isinstance(clip, ClipModel)
+        for start in range(0, len(prompts), _TEXT_CHUNK):
+            chunk = prompts[start : start + _TEXT_CHUNK]
             started = time.perf_counter()
             encoded = clip.encode_texts(chunk)
             self.metrics.text_encoder_seconds.labels(model=clip.name).observe(
@@ -558,7 +580,6 @@ class LabelerServicer:
             )
             self.text_cache.put_many(loaded.key, chunk, encoded)
             found.update(zip(chunk, encoded, strict=True))
-        return np.stack([found[prompt] for prompt in prompts]).astype(np.float32)
 
     def _job(self, image: pb.Image) -> _ImageJob:
         job = _ImageJob(image_id=image.id)
