@@ -503,7 +503,7 @@ def make_client(args: argparse.Namespace) -> LabelerClient:
 
 
 def describe_call_error(error: LabelerError, server: str, timeout_s: float) -> str:
-    """Turn a failed call into a one-line message that says what to do."""
+    """Turn a failed call into a one-line message that names the next step."""
     code = error.code
     if code == grpc.StatusCode.UNAVAILABLE:
         return (

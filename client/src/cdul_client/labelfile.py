@@ -105,7 +105,7 @@ def open_output(
     """Create or resume an output and return its sink and the ids it already contains.
 
     An empty file at the output path (left by a run that failed before it wrote the header)
-    holds no records, so it is replaced like a missing one.
+    contains no records, so it is replaced like a missing one.
 
     Raises:
         OutputError: the output's folder does not exist, the output exists without --resume

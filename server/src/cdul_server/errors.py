@@ -41,7 +41,7 @@ def clip_message(message: str, max_chars: int = MAX_MESSAGE_CHARS) -> str:
 
 
 class ServiceError(Exception):
-    """A whole-request failure with the gRPC status code it answers.
+    """A whole-request failure with the gRPC status code that the call ends with.
 
     The message is shortened to :data:`MAX_MESSAGE_CHARS`, so that a long user value repeated
     in it cannot push the status past gRPC's metadata size limit.
@@ -89,8 +89,9 @@ def deadline_exceeded(message: str) -> ServiceError:
 def status_for_exception(err: BaseException) -> tuple[grpc.StatusCode, str]:
     """Map an exception raised while serving a request to a status code and message.
 
-    ServiceError carries its own code; a timed-out wait is DEADLINE_EXCEEDED; anything else is
-    a server bug, logged with its traceback and answered INTERNAL without internals.
+    ServiceError carries its own code, and a timed-out wait maps to DEADLINE_EXCEEDED. Anything
+    else is a server bug: it is logged with its traceback and returned as INTERNAL without
+    internals.
     """
     if isinstance(err, ServiceError):
         return err.code, clip_message(err.message)

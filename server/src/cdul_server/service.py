@@ -280,7 +280,7 @@ class LabelerServicer:
     def _abort(self, context: grpc.ServicerContext, err: Exception) -> None:
         if isinstance(err, grpc.RpcError) and not context.is_active():
             # gRPC raises a bare RpcError in the servicer when the client cancelled the call,
-            # for example while reading the next request of a stream. Nobody gets a status.
+            # for example while reading the next request of a stream. No status can be sent then.
             _logger.debug("call from %s was cancelled by the client", context.peer())
             return
         code, message = status_for_exception(err)

@@ -176,7 +176,7 @@ def _flag(name: str) -> str:
 
 @dataclass
 class FitResult:
-    """What a finished run returns: the run folder and the per-epoch metrics."""
+    """Result of a finished run: the run folder and the per-epoch metrics."""
 
     run_dir: Path
     history: list[dict[str, Any]]
@@ -249,7 +249,8 @@ def load_corpus(config: FitConfig) -> _Corpus:
             val_dataset = EmbeddingDataset(val.embeddings())
             val_truth = _truth(config.val_labels, pseudo.classes, val.ids, "--val-labels")
     else:
-        assert image_size is not None and mean is not None and std is not None
+        if image_size is None or mean is None or std is None:
+            raise RuntimeError(f"no preprocessing settings for --arch {config.arch}")
         paths = match_records(list_images(Path(config.images or "")), pseudo)
         dataset = ImageDataset(paths, image_size, mean, std, config.augment, config.seed)
         if config.val_images:
