@@ -20,6 +20,7 @@ from cdul_proto.v1 import labeler_pb2 as pb
 from cdul_proto.v1 import labeler_pb2_grpc as pb_grpc
 from cdul_server.app import CACHE_FILE_NAME, LabelerServer, ServerConfig, StartupError
 from cdul_server.cache import EmbeddingCache
+from cdul_server.interceptors import DrainGate
 
 CLASSES = ["dog", "cat"]
 
@@ -108,6 +109,44 @@ def _metric(port: int, name: str) -> float:
             if line.startswith(name + " "):
                 return float(line.split()[1])
     return 0.0
+
+
+class _Context:
+    """Records the termination callbacks gRPC would run once the call's status is sent."""
+
+    def __init__(self, terminated: bool = False) -> None:
+        self.callbacks: list = []
+        self.terminated = terminated
+
+    def add_callback(self, callback) -> bool:
+        if self.terminated:
+            return False
+        self.callbacks.append(callback)
+        return True
+
+    def abort(self, code, details) -> None:
+        raise RuntimeError(f"{code}: {details}")
+
+
+def test_gate_counts_a_call_until_grpc_reports_it_terminated() -> None:
+    gate = DrainGate()
+    context = _Context()
+    handler = gate._wrap_unary("/cdul.v1.Labeler/ListModels", lambda request, ctx: "reply")
+    assert handler(None, context) == "reply"
+    # The handler has returned but gRPC has not yet sent the reply: shutdown must still wait.
+    assert gate.in_flight == 1
+    assert not gate.wait_idle(0.05)
+    context.callbacks[0]()
+    context.callbacks[0]()  # gRPC runs it once; a second run must not count twice
+    assert gate.in_flight == 0
+    assert gate.wait_idle(0.0)
+    # A call that terminated before its callback could be registered is released at once.
+    assert handler(None, _Context(terminated=True)) == "reply"
+    assert gate.in_flight == 0
+    gate.start_draining()
+    with pytest.raises(RuntimeError, match="shutting down"):
+        handler(None, _Context())
+    assert gate.in_flight == 0
 
 
 def test_sigterm_drains_and_exits_zero(

@@ -98,6 +98,20 @@ class CallInterceptor(grpc.ServerInterceptor):
         return wrapped
 
 
+class _Once:
+    """Wraps a callable so that only its first call runs it."""
+
+    def __init__(self, function: Callable[[], None]) -> None:
+        self._function: Callable[[], None] | None = function
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        with self._lock:
+            function, self._function = self._function, None
+        if function is not None:
+            function()
+
+
 class DrainGate(CallInterceptor):
     """Counts calls in flight; rejects calls with UNAVAILABLE while starting or draining.
 
@@ -127,10 +141,17 @@ class DrainGate(CallInterceptor):
     def begin(self, method: str, context: grpc.ServicerContext) -> Any:
         with self._cond:
             self._last_call = time.monotonic()
-            if not self._draining and not self._starting:
+            admitted = not self._draining and not self._starting
+            if admitted:
                 self._in_flight += 1
-                return True
             starting = self._starting and not self._draining
+        if admitted:
+            # The handler returns before gRPC has sent the response; a call counts as in
+            # flight until gRPC reports it terminated, so that shutdown cannot cut a reply.
+            release = _Once(self._release)
+            if not context.add_callback(release):
+                release()
+            return True
         error = DrainingError(
             "the server is starting: wait until its health check reports SERVING"
             if starting
@@ -139,13 +160,11 @@ class DrainGate(CallInterceptor):
         context.abort(error.code, error.message)
         return False
 
-    def end(
-        self, method: str, context: grpc.ServicerContext, state: Any, error: BaseException | None
-    ) -> None:
-        if state:
-            with self._cond:
-                self._in_flight -= 1
-                self._cond.notify_all()
+    def _release(self) -> None:
+        with self._cond:
+            self._in_flight -= 1
+            self._last_call = time.monotonic()
+            self._cond.notify_all()
 
     def set_starting(self, starting: bool) -> None:
         with self._cond:
@@ -161,7 +180,7 @@ class DrainGate(CallInterceptor):
             return self._cond.wait_for(lambda: self._in_flight == 0, timeout=timeout_s)
 
     def wait_quiet(self, quiet_s: float, timeout_s: float) -> bool:
-        """Wait until no call has arrived for ``quiet_s`` seconds, at most ``timeout_s``.
+        """Wait until no call has arrived or ended for ``quiet_s`` seconds, at most ``timeout_s``.
 
         Returns False when calls kept arriving until the timeout.
         """
