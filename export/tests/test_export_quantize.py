@@ -52,3 +52,37 @@ def test_quantized_graph_close_to_fp32(tmp_path: Path) -> None:
     )
     assert cosines.min() > 0.99
     assert sorted(tmp_path.iterdir()) == sorted([source, target])
+
+
+def _conv_and_matmul_graph() -> onnx.ModelProto:
+    rng = np.random.RandomState(2)
+    nodes = [
+        helper.make_node("Conv", ["x", "k"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Flatten", ["c"], ["f"]),
+        helper.make_node("MatMul", ["f", "w"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "conv_matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16])],
+        [
+            numpy_helper.from_array(rng.randn(4, 3, 3, 3).astype(np.float32), "k"),
+            numpy_helper.from_array(rng.randn(256, 16).astype(np.float32), "w"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_default_quantizes_matrix_products_only(tmp_path: Path) -> None:
+    source = tmp_path / "model.onnx"
+    onnx.save(_conv_and_matmul_graph(), str(source))
+    quantize_int8(source, tmp_path / "default.onnx")
+    default_ops = {node.op_type for node in onnx.load(str(tmp_path / "default.onnx")).graph.node}
+    assert "Conv" in default_ops
+    assert "ConvInteger" not in default_ops
+    assert "MatMulInteger" in default_ops
+    quantize_int8(source, tmp_path / "all.onnx", op_types=("Conv", "MatMul"))
+    all_ops = {node.op_type for node in onnx.load(str(tmp_path / "all.onnx")).graph.node}
+    assert "ConvInteger" in all_ops
+    assert "Conv" not in all_ops
