@@ -168,3 +168,40 @@ def test_empty_and_garbage_rejected() -> None:
     with pytest.raises(DecodeError) as caught:
         decode_image(b"not an image at all", MAX_PIXELS)
     assert caught.value.reason == "unidentified"
+
+
+def _large_photo_jpeg() -> tuple[bytes, np.ndarray]:
+    """A smooth 1600 x 1200 JPEG and its full decode."""
+    y, x = np.mgrid[0:1200, 0:1600]
+    rgb = np.stack([x * 255 // 1600, y * 255 // 1200, (x + y) * 255 // 2800], axis=-1)
+    data = _encode(Image.fromarray(rgb.astype(np.uint8)), "JPEG", quality=90)
+    return data, _pixels(data)
+
+
+@pytest.mark.parametrize(("min_side", "size"), [(300, (400, 300)), (301, (800, 600))])
+def test_large_jpeg_decoded_at_reduced_scale(min_side: int, size: tuple[int, int]) -> None:
+    data, full = _large_photo_jpeg()
+    decoded = decode_image(data, MAX_PIXELS, min_side=min_side)
+    assert decoded.image.size == size
+    # The DCT-scaled decode matches a full decode that is then downscaled.
+    reference = Image.fromarray(full.astype(np.uint8)).resize(size, Image.Resampling.BOX)
+    diff = np.abs(np.asarray(decoded.image, dtype=np.int32) - np.asarray(reference, np.int32))
+    assert diff.mean() < 2.0
+
+
+def test_draft_leaves_small_jpegs_and_other_formats_alone() -> None:
+    data, full = _large_photo_jpeg()
+    # A shorter side under twice the needed side: decoded in full.
+    assert decode_image(data, MAX_PIXELS, min_side=601).image.size == (1600, 1200)
+    png = _encode(Image.fromarray(full.astype(np.uint8)), "PNG")
+    assert decode_image(png, MAX_PIXELS, min_side=100).image.size == (1600, 1200)
+
+
+def test_draft_keeps_exif_orientation(shared_data: Path) -> None:
+    stored_rotated = (shared_data / "odd-images" / "hopper_orientation_6.jpg").read_bytes()
+    upright = decode_image((shared_data / "odd-images" / "hopper.jpg").read_bytes(), MAX_PIXELS)
+    drafted = decode_image(stored_rotated, MAX_PIXELS, min_side=32).image
+    assert drafted.size == (32, 32)
+    reference = upright.image.resize(drafted.size, Image.Resampling.BOX)
+    diff = np.abs(np.asarray(drafted, np.int32) - np.asarray(reference, np.int32))
+    assert diff.mean() < 10.0

@@ -349,3 +349,21 @@ def test_concurrent_new_vocabulary_encoded_once(
     text = srv.scrape(server)
     encoder_calls = srv.metric_value(text, "cdul_text_encoder_seconds_count", model="tiny-clip")
     assert encoder_calls == 1
+
+
+def test_expired_deadline_drops_the_work_and_server_keeps_serving(
+    server_factory, srv: SimpleNamespace, coco_images
+) -> None:
+    # A 2 s queue delay and a large batch hold the views in the queue past the 0.3 s deadline.
+    server = server_factory(max_queue_delay_ms=2000, max_batch_size=1000)
+    stub = srv.stub_for(server)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.PseudoLabel(srv.pseudo_request(coco_images[:2], ["dog", "cat"]), timeout=0.3)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    time.sleep(2.5)  # past the queue delay: the batcher would have run the views by now
+    text = srv.scrape(server)
+    assert srv.metric_value(text, "cdul_views_encoded_total", model="tiny-clip") == 0
+    response = stub.PseudoLabel(srv.pseudo_request(coco_images[:1], ["dog", "cat"]), timeout=30)
+    assert response.results[0].status.code == 0
+    text = srv.scrape(server)
+    assert srv.metric_value(text, "cdul_views_encoded_total", model="tiny-clip") == 10

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import struct
 import warnings
 from dataclasses import dataclass
@@ -59,7 +60,7 @@ class DecodedImage:
         return self.image.height
 
 
-def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
+def decode_image(data: bytes, max_pixels: int, min_side: int | None = None) -> DecodedImage:
     """Decode encoded image bytes into an 8-bit RGB image.
 
     The first frame of an animation is used. EXIF orientation is applied. Transparent pixels
@@ -70,6 +71,10 @@ def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
         data: The encoded file (JPEG, PNG, GIF, WebP, TIFF, BMP, ...).
         max_pixels: Images with more than this many pixels (width * height, as declared in the
             file header) are rejected before their pixels are decoded.
+        min_side: When set, a JPEG whose shorter side is at least twice this many pixels is
+            decoded in draft mode: the decoder scales it by 1/2, 1/4 or 1/8 in the DCT, to the
+            smallest such size whose shorter side is still at least ``min_side``. This costs
+            a fraction of a full decode and a later downscale.
 
     Returns:
         The decoded image.
@@ -116,6 +121,8 @@ def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
     try:
         if getattr(image, "n_frames", 1) > 1:
             image.seek(0)
+        if min_side is not None and source_format == "JPEG":
+            _draft(image, min_side)
         image.load()
         rgb = to_rgb8(_apply_exif_orientation(image))
     except DecodeError:
@@ -126,6 +133,17 @@ def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
     except (ValueError, SyntaxError, EOFError, UnicodeDecodeError, struct.error) as err:
         raise DecodeError("decode_failed", f"the image data cannot be decoded: {err}") from err
     return DecodedImage(image=rgb, source_format=source_format, source_mode=source_mode)
+
+
+def _draft(image: Image.Image, min_side: int) -> None:
+    """Let the JPEG decoder downscale ``image`` while its shorter side stays >= ``min_side``."""
+    width, height = image.size
+    shorter = min(width, height)
+    if min_side < 1 or shorter < 2 * min_side:
+        return
+    # Pillow picks the largest DCT reduction whose result is at least the requested size.
+    scale = min_side / shorter
+    image.draft(image.mode, (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))))
 
 
 def _apply_exif_orientation(image: Image.Image) -> Image.Image:

@@ -691,7 +691,13 @@ class LabelerServicer:
         if call.cancelled.is_set():
             raise ServiceError(grpc.StatusCode.CANCELLED, "the request was cancelled")
         started = time.perf_counter()
-        decoded = decode_image(data, self.limits.max_pixels)
+        # JPEGs far larger than any view needs are decoded at a reduced scale. The scale depends
+        # on the model and the server's grid limit, never on the request, so a cached view
+        # embedding is the same whichever request computed it.
+        min_side = loaded.model.preprocess.size
+        if isinstance(loaded.model, ClipModel):
+            min_side *= self.limits.max_grid_size
+        decoded = decode_image(data, self.limits.max_pixels, min_side=min_side)
         try:
             pixels = image_views(
                 decoded.image, loaded.model.preprocess, global_view=global_view, grid_size=grid_size
