@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -68,6 +69,34 @@ def _siblings(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.parent.iterdir()) if folder.parent.exists() else []
 
 
+def _digits_variant(folder: Path, name: str, **text_changes: object) -> Path:
+    """Write the digits-clip architecture with changed text_cfg values as ``name``.json."""
+    config = json.loads(DIGITS_CONFIG.read_text())
+    config["text_cfg"].update(text_changes)
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def _text_input_dims(folder: Path) -> list[int | str]:
+    import onnx
+
+    graph = onnx.load(str(folder / "text.onnx"))
+    dims = graph.graph.input[0].type.tensor_type.shape.dim
+    return [dim.dim_param or dim.dim_value for dim in dims]
+
+
+def _assert_trimmed_matches_full(folder: Path, prompts: tuple[str, ...]) -> None:
+    clip = load_model(folder, SessionConfig(intra_op_threads=THREADS))
+    assert isinstance(clip, ClipModel)
+    tokens = clip.tokenizer(list(prompts))
+    full = clip.encode_tokens(tokens, trim_padding=False)
+    np.testing.assert_allclose(clip.encode_tokens(tokens, trim_padding=True), full, atol=1e-5)
+    for row in range(len(prompts)):
+        alone = clip.encode_tokens(tokens[row : row + 1], trim_padding=True)
+        np.testing.assert_allclose(alone, full[row : row + 1], atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def digits_export(tmp_path_factory: pytest.TempPathFactory, coco_images: Path) -> Path:
     root = tmp_path_factory.mktemp("digits")
@@ -103,6 +132,100 @@ def test_text_graph_input_type(tmp_path: Path, coco_images: Path, digits_export:
     assert graph.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
     batch = graph.graph.input[0].type.tensor_type.shape.dim[0]
     assert batch.dim_param == "batch"
+    assert _text_input_dims(digits_export) == ["batch", "sequence"]
+
+
+def test_trimmed_text_parity_recorded(digits_export: Path) -> None:
+    config = _config(digits_export)
+    parity = config["export"]["parity"]
+    assert config["tokenizer"]["trim_padding"] is True
+    assert parity["text_trimmed_min_cosine"] >= 0.9999
+    assert parity["text_trimmed_max_abs_diff"] < 1e-5
+    # The empty prompt is two tokens: start and end of text.
+    assert parity["text_trimmed_min_length"] == 2
+
+
+def test_trimmed_tokens_match_full_length(digits_export: Path) -> None:
+    _assert_trimmed_matches_full(digits_export, PARITY_PROMPTS)
+
+
+@pytest.mark.parametrize(
+    ("name", "text_changes"),
+    [("digits-last-pool", {"pool_type": "last"}), ("digits-no-causal", {"no_causal_mask": True})],
+)
+def test_untrimmable_tower_exports_full_length(
+    tmp_path: Path, coco_images: Path, name: str, text_changes: dict
+) -> None:
+    model_config = _digits_variant(tmp_path, name, **text_changes)
+    folder = export_clip(
+        _options(
+            tmp_path / name,
+            coco_images,
+            model=name,
+            model_config=model_config,
+            parity_batch_sizes=(1, 7),
+        )
+    )
+    config = _config(folder)
+    parity = config["export"]["parity"]
+    assert config["tokenizer"]["trim_padding"] is False
+    assert parity["text_min_cosine"] >= 0.9999
+    assert parity["text_trimmed_min_cosine"] < 0.9999
+    clip = load_model(folder, SessionConfig(intra_op_threads=THREADS))
+    assert isinstance(clip, ClipModel)
+    assert clip.trim_padding is False
+
+
+def test_dynamic_export_failure_falls_back(
+    tmp_path: Path, coco_images: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Untraceable(torch.nn.Module):
+        def __init__(self, model: object) -> None:
+            super().__init__()
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("simulated tracing failure")
+
+    monkeypatch.setattr("cdul_export.clip_export._TrimmableTextEncoder", Untraceable)
+    folder = export_clip(_options(tmp_path / "static", coco_images, parity_batch_sizes=(2,)))
+    config = _config(folder)
+    assert _text_input_dims(folder) == ["batch", 16]
+    assert config["tokenizer"]["trim_padding"] is False
+    assert config["export"]["parity"]["text_min_cosine"] >= 0.9999
+    assert "text_trimmed_min_cosine" not in config["export"]["parity"]
+
+
+def test_graph_failing_on_trimmed_tokens(
+    tmp_path: Path, coco_images: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without separate key and value tensors the exporter writes the sample's sequence length
+    # into the attention reshapes, so the graph fails on any other length.
+    monkeypatch.setattr(
+        "cdul_export.clip_export._separate_attention_inputs",
+        lambda model: contextlib.nullcontext(),
+    )
+    folder = export_clip(_options(tmp_path / "fixed", coco_images, parity_batch_sizes=(2,)))
+    config = _config(folder)
+    parity = config["export"]["parity"]
+    assert config["tokenizer"]["trim_padding"] is False
+    assert parity["text_min_cosine"] >= 0.9999
+    assert "Reshape" in parity["text_trimmed_error"]
+    assert "text_trimmed_min_cosine" not in parity
+
+
+def test_long_parity_prompts_leave_trimming_off(tmp_path: Path, coco_images: Path) -> None:
+    long_prompt = PARITY_PROMPTS[20]
+    folder = export_clip(
+        _options(
+            tmp_path / "long",
+            coco_images,
+            parity_prompts=(long_prompt, long_prompt.upper()),
+            parity_batch_sizes=(2,),
+        )
+    )
+    config = _config(folder)
+    assert config["export"]["parity"]["text_trimmed_min_length"] == 16
+    assert config["tokenizer"]["trim_padding"] is False
 
 
 def test_config_records_facts(digits_export: Path) -> None:
@@ -307,6 +430,9 @@ def test_large_model_export_and_parity(tmp_path: Path, coco_images: Path, model_
     clip = models[model_name.lower()]
     assert isinstance(clip, ClipModel)
     assert clip.encode_texts(["a photo of a dog."]).shape == (1, config["embedding_dim"])
+    assert config["tokenizer"]["trim_padding"] is True
+    assert parity["text_trimmed_min_cosine"] >= 0.9999
+    _assert_trimmed_matches_full(folder, FEW_PROMPTS)
 
 
 @pytest.mark.slow

@@ -20,10 +20,17 @@ from cdul_server.model_repository import (
     SessionConfig,
     load_model,
     load_model_repository,
+    trimmed_length,
 )
 from cdul_server.preprocess import preprocess_batch
 
 ONE_THREAD = SessionConfig(intra_op_threads=1, inter_op_threads=1)
+EOT = 49407
+# 26 tokens: longer than the other prompts of these tests, shorter than the 77-token context.
+LONG_PROMPT = (
+    "a photo of a person riding a red bicycle past a fire hydrant and a traffic light on a wet "
+    "street at dusk"
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +55,39 @@ def _edit_config(model_dir: Path, **changes: object) -> None:
     config = json.loads(path.read_text())
     config.update(changes)
     path.write_text(json.dumps(config))
+
+
+def _edit_tokenizer_config(model_dir: Path, **changes: object) -> None:
+    path = model_dir / "config.json"
+    config = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            config["tokenizer"].pop(key, None)
+        else:
+            config["tokenizer"][key] = value
+    path.write_text(json.dumps(config))
+
+
+class _RecordingSession:
+    """An ONNX Runtime session wrapper that records the shape of every input it is fed."""
+
+    def __init__(self, session: object) -> None:
+        self._session = session
+        self.shapes: list[tuple[int, ...]] = []
+
+    def run(self, output_names: object, feed: dict[str, np.ndarray]) -> object:
+        self.shapes.extend(value.shape for value in feed.values())
+        return self._session.run(output_names, feed)  # type: ignore[attr-defined]
+
+
+def _record_text_inputs(clip: ClipModel) -> list[tuple[int, ...]]:
+    recorder = _RecordingSession(clip._text)
+    clip._text = recorder  # type: ignore[assignment]
+    return recorder.shapes
+
+
+def _eot_end(tokens: np.ndarray, row: int) -> int:
+    return int(np.argmax(tokens[row] == EOT)) + 1
 
 
 def test_repository_loads_both_kinds(repository: dict) -> None:
@@ -109,6 +149,107 @@ def test_encode_tokens_int32_equals_int64(repository: dict) -> None:
     np.testing.assert_allclose(
         clip.encode_tokens(tokens.astype(np.int32)), clip.encode_tokens(tokens), atol=1e-6
     )
+
+
+def test_trimmed_length_covers_every_eot() -> None:
+    tokens = np.zeros((3, 10), np.int64)
+    tokens[0, :3] = [49406, 320, EOT]
+    tokens[1, :6] = [49406, 320, 1929, 539, 320, EOT]
+    tokens[2, :2] = [49406, EOT]
+    assert trimmed_length(tokens, EOT) == 6
+    assert trimmed_length(tokens[[0, 2]], EOT) == 3
+
+
+def test_trimmed_length_row_without_eot() -> None:
+    tokens = np.zeros((2, 10), np.int64)
+    tokens[0, :3] = [49406, 320, EOT]
+    tokens[1, :3] = [49406, 320, 1929]
+    assert trimmed_length(tokens, EOT) == 10
+
+
+def test_exported_tiny_clip_trims(repository: dict) -> None:
+    clip = repository["tiny-clip"]
+    assert clip.trim_padding is True
+    assert clip.config["tokenizer"]["trim_padding"] is True
+
+
+def test_trimmed_equals_full_length(repository: dict) -> None:
+    clip = repository["tiny-clip"]
+    prompts = ["a photo of a dog.", "", "a bicycle", LONG_PROMPT, "🐶" * 200]
+    tokens = clip.tokenizer(prompts)
+    full = clip.encode_tokens(tokens, trim_padding=False)
+    np.testing.assert_allclose(clip.encode_tokens(tokens, trim_padding=True), full, atol=1e-5)
+    for row in range(len(prompts)):
+        alone = clip.encode_tokens(tokens[row : row + 1], trim_padding=True)
+        np.testing.assert_allclose(alone, full[row : row + 1], atol=1e-5)
+
+
+def test_batch_trims_to_longest_prompt(tiny_model_repository: Path) -> None:
+    clip = load_model(tiny_model_repository / "tiny-clip", ONE_THREAD)
+    assert isinstance(clip, ClipModel)
+    shapes = _record_text_inputs(clip)
+    prompts = ["a dog", LONG_PROMPT, "a cat"]
+    tokens = clip.tokenizer(prompts)
+    longest = _eot_end(tokens, 1)
+    assert _eot_end(tokens, 0) < longest < 77
+    embeddings = clip.encode_texts(prompts)
+    clip.encode_texts(["a dog", "a cat"])
+    clip.encode_texts(["🐶" * 200, "a dog"])
+    assert shapes == [(3, longest), (2, _eot_end(tokens, 0)), (2, 77)]
+    full = clip.encode_tokens(tokens, trim_padding=False)
+    np.testing.assert_allclose(embeddings, full, atol=1e-5)
+    assert shapes[-1] == (3, 77)
+
+
+def test_model_without_flag_gets_full_length(tiny_model_repository: Path, tmp_path: Path) -> None:
+    model_dir = _copy_model(tiny_model_repository, tmp_path, "tiny-clip")
+    _edit_tokenizer_config(model_dir, trim_padding=None)
+    clip = load_model(model_dir, ONE_THREAD)
+    assert isinstance(clip, ClipModel)
+    assert clip.trim_padding is False
+    shapes = _record_text_inputs(clip)
+    clip.encode_texts(["a dog", "a cat"])
+    assert shapes == [(2, 77)]
+
+
+def test_flag_false_gets_full_length(tiny_model_repository: Path, tmp_path: Path) -> None:
+    model_dir = _copy_model(tiny_model_repository, tmp_path, "tiny-clip")
+    _edit_tokenizer_config(model_dir, trim_padding=False)
+    clip = load_model(model_dir, ONE_THREAD)
+    assert isinstance(clip, ClipModel)
+    shapes = _record_text_inputs(clip)
+    tokens = clip.tokenizer(["a dog"])
+    clip.encode_tokens(tokens)
+    clip.encode_tokens(tokens, trim_padding=True)
+    assert shapes == [(1, 77), (1, _eot_end(tokens, 0))]
+
+
+def test_shipped_digits_clip_gets_full_length() -> None:
+    clip = load_model(DEFAULT_MODEL_REPOSITORY / DEFAULT_CLIP_MODEL, ONE_THREAD)
+    assert isinstance(clip, ClipModel)
+    assert "trim_padding" not in clip.config["tokenizer"]
+    assert clip.trim_padding is False
+    shapes = _record_text_inputs(clip)
+    embeddings = clip.encode_texts(["a photo of the digit seven.", "seven"])
+    assert embeddings.shape == (2, 64)
+    assert shapes == [(2, 16)]
+    with pytest.raises(ValueError, match="takes exactly 16 tokens"):
+        clip.encode_tokens(clip.tokenizer(["seven"]), trim_padding=True)
+
+
+def test_trim_padding_on_fixed_length_graph(tmp_path: Path) -> None:
+    model_dir = tmp_path / "models" / DEFAULT_CLIP_MODEL
+    shutil.copytree(DEFAULT_MODEL_REPOSITORY / DEFAULT_CLIP_MODEL, model_dir)
+    _edit_tokenizer_config(model_dir, trim_padding=True)
+    with pytest.raises(ModelRepositoryError, match=r"text\.onnx takes exactly 16 tokens"):
+        load_model(model_dir)
+
+
+def test_trim_padding_must_be_boolean(tiny_model_repository: Path, tmp_path: Path) -> None:
+    model_dir = _copy_model(tiny_model_repository, tmp_path, "tiny-clip")
+    _edit_tokenizer_config(model_dir, trim_padding="yes")
+    with pytest.raises(ModelRepositoryError, match="trim_padding must be true or false"):
+        load_model(model_dir)
 
 
 def test_concurrent_calls_agree(repository: dict, photos: list) -> None:

@@ -1,7 +1,8 @@
 """Export of an open_clip model to a CLIP folder of the model repository.
 
-The folder contains ``image.onnx`` and ``text.onnx`` (L2-normalized embeddings, dynamic batch), the
-BPE vocabulary, and ``config.json`` (see ``docs/formats.md``). Before the folder appears, the
+The folder contains ``image.onnx`` and ``text.onnx`` (L2-normalized embeddings, dynamic batch;
+the text graph also has a dynamic sequence axis where the exporter manages it), the BPE
+vocabulary, and ``config.json`` (see ``docs/formats.md``). Before the folder appears, the
 export loads it with the server's own loader, tokenizer and preprocessing and compares the
 results with PyTorch on real photographs and fixed prompts; a failed check leaves nothing.
 """
@@ -12,7 +13,8 @@ import difflib
 import json
 import logging
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
 from torch import nn
 
 from cdul_export import __version__
@@ -47,6 +50,7 @@ from cdul_server.model_repository import (
     FORMAT_VERSION,
     ClipModel,
     SessionConfig,
+    trimmed_length,
 )
 from cdul_server.preprocess import PreprocessConfig, preprocess_batch
 
@@ -98,6 +102,120 @@ class _TextEncoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.model.encode_text(tokens.long()), dim=-1)
+
+
+class _TrimmableTextEncoder(nn.Module):
+    """The text tower for a graph that takes tokens (N, L) for any L up to the context length.
+
+    ``CLIP.encode_text`` of open_clip 3.3 adds all ``context_length`` positional embeddings and
+    the full causal mask, so it accepts only full-length tokens. For that class this module
+    repeats its steps with both cut to the input length. The parity check compares the graph
+    on full-length tokens with ``encode_text`` itself. Other classes (``CustomTextCLIP``, CoCa)
+    run their own ``encode_text``, and the trimmed parity check shows whether their graph works
+    on shorter tokens.
+    """
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        from open_clip.model import CLIP
+
+        self.model = model
+        self.cut_to_input = isinstance(model, CLIP)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        from open_clip.transformer import text_global_pool
+
+        text = tokens.long()
+        model = self.model
+        if not self.cut_to_input:
+            return F.normalize(model.encode_text(text), dim=-1)
+        length = text.shape[1]
+        cast_dtype = model.transformer.get_cast_dtype()
+        x = model.token_embedding(text).to(cast_dtype)
+        x = x + model.positional_embedding[:length].to(cast_dtype)
+        mask = None if model.attn_mask is None else model.attn_mask[:length, :length]
+        x = model.transformer(x, attn_mask=mask)
+        x = model.ln_final(x)
+        x = text_global_pool(
+            x, text, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None)
+        )
+        if isinstance(model.text_projection, nn.Linear):
+            x = model.text_projection(x)
+        elif model.text_projection is not None:
+            x = x @ model.text_projection
+        return F.normalize(x, dim=-1)
+
+
+def export_text_graph(model: Any, sample_tokens: torch.Tensor, path: Path, opset: int) -> bool:
+    """Export the text tower to ``path`` with dynamic batch and sequence axes.
+
+    When that export fails, the graph is exported for ``sample_tokens.shape[1]`` tokens per
+    prompt, with only the batch axis dynamic.
+
+    Returns:
+        Whether the sequence axis is dynamic.
+
+    Raises:
+        RuntimeError: The fallback export failed too.
+    """
+    try:
+        with _separate_attention_inputs(model):
+            export_onnx(
+                _TrimmableTextEncoder(model),
+                sample_tokens,
+                path,
+                input_name="tokens",
+                output_name="embeddings",
+                opset=opset,
+                input_axes={1: "sequence"},
+            )
+        return True
+    except RuntimeError as err:
+        _logger.warning(
+            "exporting the text graph with a dynamic sequence axis failed (%s). Exporting it "
+            "for %d tokens per prompt instead, so the server always feeds full-length tokens",
+            err,
+            sample_tokens.shape[1],
+        )
+    path.unlink(missing_ok=True)
+    export_onnx(
+        _TextEncoder(model),
+        sample_tokens,
+        path,
+        input_name="tokens",
+        output_name="embeddings",
+        opset=opset,
+    )
+    return False
+
+
+@contextmanager
+def _separate_attention_inputs(model: nn.Module) -> Iterator[None]:
+    """Make every ``nn.MultiheadAttention`` of ``model`` get key and value as tensors of their own.
+
+    For self-attention (query, key and value one tensor object) torch 2.14 projects the three
+    with one matmul and an unflatten. The TorchScript exporter then writes the sample's sequence
+    length as a constant into the key and value reshapes, so the graph fails on other lengths.
+    Given views, which are other objects with the same values, torch projects each with its
+    third of the same weights, and the length stays a function of the input shape.
+    """
+
+    def use_views(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        if len(args) < 3:  # query, key and value passed by keyword: left as they are
+            return None
+        query, key, value, *rest = args
+        return (query, key.view_as(key), value.view_as(value), *rest)
+
+    handles = [
+        module.register_forward_pre_hook(use_views)
+        for module in model.modules()
+        if isinstance(module, nn.MultiheadAttention)
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def register_model_config(path: Path) -> str:
@@ -368,8 +486,13 @@ def measure_clip_parity(
     images: Sequence[ParityImage],
     prompts: Sequence[str],
     batch_sizes: Sequence[int],
+    trimmed: bool = False,
 ) -> dict[str, Any]:
     """Compare the exported folder, loaded by the server's loader, with PyTorch.
+
+    With ``trimmed``, the text graph also runs on each batch cut after the end-of-text token of
+    its longest prompt (the server's ``encode_tokens(..., trim_padding=True)``, at batch size 1
+    too), compared with PyTorch on full-length tokens.
 
     Returns:
         The ``export.parity`` object of ``config.json``, plus the PyTorch and ONNX image
@@ -403,12 +526,18 @@ def measure_clip_parity(
     rows = min(batch_sizes)
     other = clip.encode_tokens(tile_batch(our_tokens, rows).astype(other_dtype))
     text_cosines.extend(row_cosines(other, tile_batch(torch_texts, rows)).tolist())
+    trim_figures = (
+        _trimmed_text_parity(clip, our_tokens.astype(graph_dtype), torch_texts, batch_sizes)
+        if trimmed
+        else {}
+    )
 
     return {
         "image_min_cosine": round(float(min(image_cosines)), 9),
         "text_min_cosine": round(float(min(text_cosines)), 9),
         "image_max_abs_diff": float(f"{image_max_abs_diff:.3g}"),
         "text_max_abs_diff": float(f"{text_max_abs_diff:.3g}"),
+        **trim_figures,
         "preprocess_max_mean_abs_diff": round(float(mean_abs_diff.max()), 9),
         "preprocess_min_cosine": round(float(preprocess_cosines.min()), 9),
         "tokenizer_mismatches": token_mismatches,
@@ -421,6 +550,57 @@ def measure_clip_parity(
         "_onnx_images": onnx_images,
         "_pixels": pixels,
     }
+
+
+def _trimmed_text_parity(
+    clip: ClipModel, tokens: np.ndarray, expected: np.ndarray, batch_sizes: Sequence[int]
+) -> dict[str, Any]:
+    def encode_trimmed(batch: np.ndarray) -> np.ndarray:
+        return clip.encode_tokens(batch, trim_padding=True)
+
+    eot = clip.tokenizer.eot_token_id
+    try:
+        _, cosines, max_abs_diff = batched_cosines(
+            encode_trimmed, tokens, expected, sorted({1, *batch_sizes})
+        )
+    except (Fail, InvalidArgument, RuntimeException) as err:
+        # A graph that kept a fixed length somewhere inside fails on shorter inputs.
+        _logger.warning("the text graph failed on trimmed tokens: %s", err)
+        return {"text_trimmed_error": str(err).strip().splitlines()[0][:200]}
+    return {
+        "text_trimmed_min_cosine": round(float(min(cosines)), 9),
+        "text_trimmed_max_abs_diff": float(f"{max_abs_diff:.3g}"),
+        "text_trimmed_min_length": min(trimmed_length(row[None], eot) for row in tokens),
+    }
+
+
+def allows_trimming(parity: dict[str, Any], context_length: int, min_cosine: float) -> bool:
+    """Decide ``tokenizer.trim_padding`` from the figures of :func:`measure_clip_parity`.
+
+    Trimming is allowed when the trimmed text embeddings reach ``min_cosine`` and at least one
+    parity prompt was shorter than the context, so that the check cut some padding.
+    """
+    cosine = parity.get("text_trimmed_min_cosine")
+    if cosine is None:  # a graph of fixed length, or one that failed on trimmed tokens
+        return False
+    if parity["text_trimmed_min_length"] >= context_length:
+        _logger.warning(
+            "every parity prompt fills the %d-token context, so trimming was not checked and "
+            "stays off: add short prompts to the parity prompts",
+            context_length,
+        )
+        return False
+    if cosine < min_cosine:
+        _logger.warning(
+            "the text graph gives other embeddings on tokens cut after the end-of-text token "
+            "(min cosine %.6f, below %s), as a tower does that pools another position or "
+            "attends to padding: trim_padding stays false, so the server feeds it full-length "
+            "tokens",
+            cosine,
+            min_cosine,
+        )
+        return False
+    return True
 
 
 def check_clip_parity(parity: dict[str, Any], min_cosine: float) -> None:
@@ -504,14 +684,9 @@ def export_clip(options: ClipExportOptions) -> Path:
         sample_tokens = torch.from_numpy(
             reference_tokenizer(["a photo of a dog.", "an example prompt"]).numpy()
         ).to(token_dtype)
-        export_onnx(
-            _TextEncoder(model),
-            sample_tokens,
-            stage / "text.onnx",
-            input_name="tokens",
-            output_name="embeddings",
-            opset=options.opset,
-        )
+        text_dynamic = export_text_graph(model, sample_tokens, stage / "text.onnx", options.opset)
+        # Loaded with trimming off, so the first parity figures come from full-length tokens.
+        tokenizer_settings["trim_padding"] = False
         files = {"image": "image.onnx", "text": "text.onnx"}
         config: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
@@ -546,12 +721,16 @@ def export_clip(options: ClipExportOptions) -> Path:
             images,
             options.parity_prompts,
             options.parity_batch_sizes,
+            trimmed=text_dynamic,
         )
         torch_images = parity.pop("_torch_images")
         onnx_images = parity.pop("_onnx_images")
         pixels = parity.pop("_pixels")
         _logger.info("parity of %s: %s", name, parity)
         check_clip_parity(parity, options.min_cosine)
+        tokenizer_settings["trim_padding"] = allows_trimming(
+            parity, tokenizer_settings["context_length"], options.min_cosine
+        )
         parity["thresholds"] = {
             "min_cosine": options.min_cosine,
             "preprocess_max_mean_abs_diff": PREPROCESS_MAX_MEAN_ABS_DIFF,

@@ -26,8 +26,11 @@ def export_onnx(
     input_name: str,
     output_name: str,
     opset: int = 17,
+    input_axes: dict[int, str] | None = None,
 ) -> None:
     """Export ``module`` (one input, one output) with the batch axis dynamic, then check it.
+
+    ``input_axes`` names further dynamic axes of the input, such as ``{1: "sequence"}``.
 
     The TorchScript-based exporter (``dynamo=False``) is used: it traces the open_clip towers
     and torchvision classifiers of this project without graph breaks.
@@ -50,7 +53,10 @@ def export_onnx(
                     str(path),
                     input_names=[input_name],
                     output_names=[output_name],
-                    dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
+                    dynamic_axes={
+                        input_name: {0: "batch", **(input_axes or {})},
+                        output_name: {0: "batch"},
+                    },
                     opset_version=opset,
                     do_constant_folding=True,
                     dynamo=False,

@@ -176,11 +176,40 @@ def _check_pixels(pixels: np.ndarray, size: int, name: str) -> np.ndarray:
     return np.ascontiguousarray(pixels, dtype=np.float32)
 
 
+def trimmed_length(tokens: np.ndarray, eot_token_id: int) -> int:
+    """Return how many leading positions of a (N, L) batch cover every row's end-of-text token.
+
+    A row without the end-of-text token counts as L long, so such a batch is not trimmed.
+    """
+    is_eot = tokens == eot_token_id
+    ends = np.where(is_eot.any(axis=1), is_eot.argmax(axis=1) + 1, tokens.shape[1])
+    return int(ends.max())
+
+
+def _trim_padding_setting(
+    config: dict[str, Any], config_path: Path, text_path: Path, text_length: int | None
+) -> bool:
+    """Read ``tokenizer.trim_padding`` (false when absent) and check that the graph allows it."""
+    value = config["tokenizer"].get("trim_padding", False)
+    if not isinstance(value, bool):
+        raise ModelRepositoryError(
+            f"{config_path}: tokenizer.trim_padding must be true or false, got {value!r}"
+        )
+    if value and text_length is not None:
+        raise ModelRepositoryError(
+            f"{config_path} sets tokenizer.trim_padding, but {text_path.name} takes exactly "
+            f"{text_length} tokens per prompt: export the model again or set it to false"
+        )
+    return value
+
+
 class ClipModel:
     """A CLIP model of the repository: image and text encoders plus tokenizer.
 
     Both encoders return L2-normalized float32 embeddings. Methods are safe to call from
-    several threads at once, because ONNX Runtime sessions are.
+    several threads at once, because ONNX Runtime sessions are. ``trim_padding`` is
+    ``tokenizer.trim_padding`` of ``config.json``: the export sets it only after checking that
+    the text graph gives the same embeddings on tokens cut after the end-of-text token.
     """
 
     def __init__(self, model_dir: Path, config: dict[str, Any], session: SessionConfig) -> None:
@@ -214,7 +243,8 @@ class ClipModel:
         )
         # Only the image encoder has quantized variants; the text encoder runs once per
         # vocabulary and its embeddings are cached.
-        self._text = create_session(_graph_file(config, "text", self.path, "fp32"), session)
+        text_path = _graph_file(config, "text", self.path, "fp32")
+        self._text = create_session(text_path, session)
         self._image_input = self._image.get_inputs()[0].name
         text_input = self._text.get_inputs()[0]
         self._text_input = text_input.name
@@ -223,6 +253,10 @@ class ClipModel:
                 f"{self.path / 'text.onnx'} takes {text_input.type} tokens: expected int64 or int32"
             )
         self.token_dtype = _TOKEN_DTYPES[text_input.type]
+        # ONNX Runtime reports a fixed axis length as an int and a dynamic axis as a name or None.
+        length = text_input.shape[1] if len(text_input.shape) == 2 else None
+        self._text_length: int | None = length if isinstance(length, int) else None
+        self.trim_padding = _trim_padding_setting(config, config_path, text_path, self._text_length)
         for label, graph in (("image", self._image), ("text", self._text)):
             width = graph.get_outputs()[0].shape[-1]
             if isinstance(width, int) and width != self.embedding_dim:
@@ -252,8 +286,19 @@ class ClipModel:
         (embeddings,) = self._image.run(None, {self._image_input: pixels})
         return np.asarray(embeddings, dtype=np.float32)
 
-    def encode_tokens(self, tokens: np.ndarray) -> np.ndarray:
-        """Embed token ids (N, context_length) of int64 or int32; returns float32 (N, D)."""
+    def encode_tokens(self, tokens: np.ndarray, *, trim_padding: bool | None = None) -> np.ndarray:
+        """Embed token ids (N, context_length) of int64 or int32; returns float32 (N, D).
+
+        Args:
+            tokens: Token ids as the tokenizer returns them.
+            trim_padding: Feed the text graph only the positions up to and including the
+                end-of-text token of the batch's longest prompt (:func:`trimmed_length`).
+                None follows ``self.trim_padding``.
+
+        Raises:
+            ValueError: The tokens have the wrong shape, or trimming is requested but the
+                text graph has a fixed sequence length.
+        """
         if not isinstance(tokens, np.ndarray) or tokens.dtype.kind not in "iu":
             raise TypeError(f"tokens must be an integer numpy array, got {tokens!r:.80}")
         if tokens.ndim != 2 or tokens.shape[1] != self.tokenizer.context_length:
@@ -263,6 +308,14 @@ class ClipModel:
             )
         if len(tokens) == 0:
             return np.zeros((0, self.embedding_dim), dtype=np.float32)
+        trim = self.trim_padding if trim_padding is None else trim_padding
+        if trim:
+            if self._text_length is not None:
+                raise ValueError(
+                    f"the text graph of model {self.name} takes exactly {self._text_length} "
+                    "tokens per prompt, so its input cannot be trimmed: export it again"
+                )
+            tokens = tokens[:, : trimmed_length(tokens, self.tokenizer.eot_token_id)]
         feed = np.ascontiguousarray(tokens, dtype=self.token_dtype)
         (embeddings,) = self._text.run(None, {self._text_input: feed})
         return np.asarray(embeddings, dtype=np.float32)
