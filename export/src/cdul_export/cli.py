@@ -229,8 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--clip-model",
         type=Path,
         default=None,
-        help="for a clip-linear head: the CLIP model folder whose image graph comes before the "
-        "head (default: the clip_model setting stored in the checkpoint)",
+        help="for a clip-linear or clip-windows head: the CLIP model folder whose image graph "
+        "comes before the head (default: the clip_model setting stored in the checkpoint)",
     )
     classifier.add_argument(
         "--max-abs-logit-diff",

@@ -1,4 +1,4 @@
-"""Classifier architectures for `cdul-train fit`: ResNets, a small CNN and a linear CLIP head."""
+"""Classifier architectures for `cdul-train fit`: ResNets, small CNNs, heads on CLIP embeddings."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from torch import nn
 
 _logger = logging.getLogger(__name__)
 
-ARCHS = ("resnet50", "resnet101", "small-cnn", "cnn-maxavg", "clip-linear")
+ARCHS = ("resnet50", "resnet101", "small-cnn", "cnn-maxavg", "clip-linear", "clip-windows")
+# Archs that train on frozen CLIP embeddings rather than on pixels.
+CLIP_ARCHS = ("clip-linear", "clip-windows")
 # The small CNNs by name: (width, global pooling). They take pixels normalized with 0.5/0.5.
 SMALL_CNNS = {"small-cnn": (32, "avg"), "cnn-maxavg": (32, "max+avg")}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -84,17 +86,21 @@ def build_classifier(
         weights: for ResNets, `none` (random init), `imagenet` (torchvision's IMAGENET1K_V2
             weights, downloaded to the torch hub cache where a network exists) or the path of
             a state dict of the same ResNet; its `fc` layer is dropped because the head is new.
-        embedding_dim: the CLIP embedding size, required for `clip-linear`.
+        embedding_dim: the CLIP embedding size, required for `clip-linear` and `clip-windows`.
 
     Raises:
         ValueError: unknown arch, weights given where they do not apply, or a bad weights file.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}: use one of {', '.join(ARCHS)}")
-    if arch == "clip-linear":
+    if arch in CLIP_ARCHS:
         if embedding_dim is None or embedding_dim <= 0:
-            raise ValueError("clip-linear needs the embedding size of the CLIP model")
+            raise ValueError(f"{arch} needs the embedding size of the CLIP model")
         _require_no_weights(arch, weights)
+        if arch == "clip-windows":
+            from cdul_training.clip_windows import WindowHead
+
+            return WindowHead(embedding_dim, num_classes)
         return LinearHead(embedding_dim, num_classes)
     if arch in SMALL_CNNS:
         _require_no_weights(arch, weights)

@@ -36,6 +36,7 @@ from cdul_training.classifiers import (
     SMALL_CNNS,
     build_classifier,
 )
+from cdul_training.clip_windows import embed_windows, input_side
 from cdul_training.datasets import (
     AUGMENTATIONS,
     EmbeddingDataset,
@@ -83,7 +84,7 @@ LR_SCHEDULES = ("cosine", "constant")
 # Options that change how a run executes but not its result, so `--resume` may change them.
 RUNTIME_OPTIONS = ("threads", "workers", "device")
 # Peak learning rate by arch: a linear head on unit-norm embeddings needs larger steps.
-DEFAULT_LR = {"clip-linear": 0.1, "default": 1e-3}
+DEFAULT_LR = {"clip-linear": 0.1, "clip-windows": 3e-3, "default": 1e-3}
 # Label step size by loss. The kl gradient of a label is taken after normalizing the labels of an
 # image to one distribution, so it has no part that moves all labels of an image alike and
 # tolerates larger steps than bce. docs/training.md gives the measurements behind these values.
@@ -168,6 +169,17 @@ class FitConfig:
             )
         if self.val_labels and self.arch != "clip-linear" and not self.val_images:
             raise ValueError("--val-labels needs --val-images")
+        if self.arch == "clip-windows":
+            if not self.clip_model:
+                raise ValueError(
+                    "--arch clip-windows embeds the images with a CLIP model: pass --clip-model "
+                    "DIR, a CLIP folder of a model repository (the one that labeled the corpus)"
+                )
+            if self.augment != "none":
+                raise ValueError(
+                    f"--augment {self.augment}: clip-windows embeds each image once, so it "
+                    "trains without augmentation; use --augment none"
+                )
 
 
 def _flag(name: str) -> str:
@@ -211,6 +223,20 @@ def _preprocess_for(config: FitConfig) -> tuple[int | None, Any, Any, dict[str, 
             return None, None, None, None
         pre = clip_config["preprocess"]
         return int(pre["size"]), tuple(pre["mean"]), tuple(pre["std"]), clip_config
+    if config.arch == "clip-windows":
+        if clip_config is None:
+            raise RecordError("--arch clip-windows needs --clip-model")
+        pre = clip_config["preprocess"]
+        try:
+            side = input_side(int(pre["size"]))
+        except ValueError as err:
+            raise RecordError(f"--clip-model {config.clip_model}: {err}") from err
+        if config.image_size is not None and config.image_size != side:
+            raise RecordError(
+                f"--image-size {config.image_size}: clip-windows takes 3 times the CLIP input "
+                f"side of --clip-model, {side} px; leave --image-size out"
+            )
+        return side, tuple(pre["mean"]), tuple(pre["std"]), clip_config
     size = config.image_size or DEFAULT_IMAGE_SIZE[config.arch]
     if config.arch in SMALL_CNNS:
         return size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), clip_config
@@ -248,6 +274,10 @@ def load_corpus(config: FitConfig) -> _Corpus:
                 )
             val_dataset = EmbeddingDataset(val.embeddings())
             val_truth = _truth(config.val_labels, pseudo.classes, val.ids, "--val-labels")
+    elif config.arch == "clip-windows":
+        dataset, val_dataset, val_truth, clip = _embed_corpus(config, pseudo, image_size, mean, std)
+        embedding_dim = int(clip["embedding_dim"])
+        clip["model_config"] = clip_config
     else:
         if image_size is None or mean is None or std is None:
             raise RuntimeError(f"no preprocessing settings for --arch {config.arch}")
@@ -271,6 +301,44 @@ def load_corpus(config: FitConfig) -> _Corpus:
         std,
         embedding_dim,
         clip,
+    )
+
+
+def _embed_corpus(
+    config: FitConfig, pseudo: PseudoLabelFile, image_size: Any, mean: Any, std: Any
+) -> tuple[Dataset, Dataset | None, np.ndarray | None, dict[str, Any]]:
+    """Embed the windows of the training and validation images with the frozen CLIP model."""
+    from cdul_server.model_repository import (
+        ClipModel,
+        ModelRepositoryError,
+        SessionConfig,
+        load_model,
+    )
+
+    folder = Path(config.clip_model or "")
+    try:
+        clip = load_model(folder, SessionConfig(intra_op_threads=config.threads))
+    except ModelRepositoryError as err:
+        raise RecordError(f"--clip-model {folder}: {err}") from err
+    if not isinstance(clip, ClipModel):
+        raise RecordError(
+            f"--clip-model {folder} is a {clip.config.get('kind')} model: pass a CLIP folder"
+        )
+    paths = match_records(list_images(Path(config.images or "")), pseudo)
+    images = ImageDataset(paths, image_size, mean, std)
+    dataset: Dataset = EmbeddingDataset(embed_windows(clip, images, what="training images"))
+    val_dataset: Dataset | None = None
+    val_truth = None
+    if config.val_images:
+        val_images = list_images(Path(config.val_images))
+        val_pixels = ImageDataset(list(val_images.values()), image_size, mean, std)
+        val_dataset = EmbeddingDataset(embed_windows(clip, val_pixels, what="validation images"))
+        val_truth = _truth(config.val_labels, pseudo.classes, list(val_images), "--val-labels")
+    return (
+        dataset,
+        val_dataset,
+        val_truth,
+        {"model": clip.name, "embedding_dim": clip.embedding_dim},
     )
 
 
@@ -389,7 +457,11 @@ class _Trainer:
                 "resize_mode": "squash",
                 "fill_color": 0,
             }
-            if corpus.clip and corpus.clip.get("model_config"):
+            if (
+                self.config.arch == "clip-linear"
+                and corpus.clip
+                and corpus.clip.get("model_config")
+            ):
                 preprocess = dict(corpus.clip["model_config"]["preprocess"])
         return {
             "format": CHECKPOINT_FORMAT,
@@ -688,7 +760,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     inputs.add_argument(
         "--clip-model",
         help="folder of the CLIP model that labeled the corpus (its config.json is stored in "
-        "the checkpoint; clip-linear takes its preprocessing from it)",
+        "the checkpoint; clip-linear takes its preprocessing from it; clip-windows embeds the "
+        "images with it and needs it)",
     )
 
     model = parser.add_argument_group("model and loss")
@@ -708,7 +781,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--image-size",
         type=int,
         help="input side in pixels; images are resized (squashed) to it (default 448 for "
-        "ResNets, 64 for small-cnn and cnn-maxavg; clip-linear takes none)",
+        "ResNets, 64 for small-cnn and cnn-maxavg; clip-linear takes none; clip-windows takes "
+        "3 times the CLIP input side)",
     )
     model.add_argument(
         "--augment",
@@ -756,7 +830,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--lr",
         type=float,
         help=f"peak learning rate (default {DEFAULT_LR['clip-linear']} for clip-linear, "
-        f"{DEFAULT_LR['default']} otherwise)",
+        f"{DEFAULT_LR['clip-windows']} for clip-windows, {DEFAULT_LR['default']} otherwise)",
     )
     optim.add_argument(
         "--weight-decay", type=float, help=f"weight decay (default {d.weight_decay})"
