@@ -296,6 +296,25 @@ def test_supervisor_run_reports_failure(tmp_path: Path) -> None:
     assert "bad input" in str(info.value)
 
 
+def test_signal_lost_during_start_still_interrupts(tmp_path: Path) -> None:
+    supervisor = demo.Supervisor(grace_s=5.0)
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    with demo.termination_signals():
+        # A handler's exception raised inside an at-fork callback is dropped by Python; the
+        # record of the signal remains, so starting a child raises it afterwards.
+        demo._RECEIVED_SIGNALS.append("SIGINT")
+        with pytest.raises(KeyboardInterrupt):
+            supervisor.start("sleeper", sleeper, tmp_path / "log.txt")
+        assert [child.name for child in supervisor.children] == ["sleeper"]
+        assert supervisor.stop_all() == ["sleeper"]
+    with demo.termination_signals():
+        assert demo._RECEIVED_SIGNALS == []
+        demo._RECEIVED_SIGNALS.append("SIGTERM")
+        with pytest.raises(demo.DemoInterrupted, match="SIGTERM"):
+            demo.raise_if_interrupted()
+    demo._RECEIVED_SIGNALS.clear()
+
+
 # The small pipeline, end to end --------------------------------------------------------------
 
 

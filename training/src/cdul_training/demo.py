@@ -58,8 +58,22 @@ VOC_CACHE_RELATIVE = Path("..") / "shared" / "data" / "voc2012-rn50x64-cache" / 
 # The two training configurations: the `--update-every` value passed to cdul-train fit, None
 # for fit's default schedule of label updates.
 CONFIGURATIONS = {"gradient_alignment": None, "control": 0}
-# Architectures that train on the scene images; clip-linear would need embeddings.
-IMAGE_ARCHS = ("small-cnn", "resnet50", "resnet101")
+# Classifier architectures the demo trains. clip-windows embeds the scenes with the labeling CLIP
+# model; clip-linear would need embeddings in the pseudo-label records.
+DEMO_ARCHS = ("clip-windows", "small-cnn", "resnet50", "resnet101")
+# Per arch: default epochs and input side in pixels (None: the side that cdul-train fit takes).
+DEMO_EPOCHS = {"clip-windows": 12, "small-cnn": 12, "resnet50": 12, "resnet101": 12}
+# Per arch: warm-up epochs before the first label update (None: cdul-train fit's default, 5).
+# The clip-windows head reaches its best validation mAP in about 5 epochs, so its labels start
+# moving after 2; otherwise the best epoch of both configurations falls in the warm-up, where
+# the two runs of a seed are the same run.
+DEMO_WARMUP: dict[str, int | None] = {"clip-windows": 2}
+DEMO_IMAGE_SIZE: dict[str, int | None] = {
+    "clip-windows": None,
+    "small-cnn": 48,
+    "resnet50": None,
+    "resnet101": None,
+}
 CONFIGURATION_TITLES = {
     "gradient_alignment": "gradient alignment",
     "control": "control (no label updates)",
@@ -101,10 +115,10 @@ class DemoConfig:
     side: int = 96
     scenes_seed: int = 0
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    arch: str = "small-cnn"
+    arch: str = "clip-windows"
     loss: str = "bce"
-    image_size: int = 48
-    epochs: int = 12
+    image_size: int | None = None  # None: DEMO_IMAGE_SIZE of the arch
+    epochs: int | None = None  # None: DEMO_EPOCHS of the arch
     warmup: int | None = None
     label_lr: float | None = None
     batch_size: int = 32
@@ -122,6 +136,18 @@ class DemoConfig:
         Raises:
             ValueError: the first invalid setting.
         """
+        if self.arch not in DEMO_ARCHS:
+            raise ValueError(f"--arch {self.arch!r}: use one of {', '.join(DEMO_ARCHS)}")
+        if self.epochs is None:
+            self.epochs = DEMO_EPOCHS[self.arch]
+        if self.warmup is None:
+            self.warmup = DEMO_WARMUP.get(self.arch)
+        if self.image_size is None:
+            self.image_size = DEMO_IMAGE_SIZE[self.arch]
+        elif self.arch == "clip-windows":
+            raise ValueError(
+                "--image-size: clip-windows takes 3 times the CLIP input side; leave it out"
+            )
         for name, low in (("n_train", 1), ("n_test", 1), ("n_val", 1), ("epochs", 1)):
             if getattr(self, name) < low:
                 raise ValueError(f"--{_flag(name)} {getattr(self, name)}: use {low} or more")
@@ -130,7 +156,7 @@ class DemoConfig:
                 raise ValueError(f"--{_flag(name)} {getattr(self, name)}: use 1 or more")
         if self.side < 64:
             raise ValueError(f"--side {self.side}: use 64 or more pixels (digits-clip needs it)")
-        if self.image_size < 16:
+        if self.image_size is not None and self.image_size < 16:
             raise ValueError(f"--image-size {self.image_size}: use 16 or more pixels")
         if not self.seeds:
             raise ValueError("--seeds is empty: give at least one seed, such as 0,1,2")
@@ -235,6 +261,7 @@ class Supervisor:
             )
         child = Child(name, process, log_path)
         self.children.append(child)
+        raise_if_interrupted()
         return child
 
     def run(self, name: str, argv: Sequence[str], log_path: Path) -> Child:
@@ -268,6 +295,7 @@ class Supervisor:
                 name, argv, log_path = pending.pop(0)
                 running.append(self.start(name, argv, log_path))
             time.sleep(0.2)
+            raise_if_interrupted()
             for child in list(running):
                 returncode = child.process.poll()
                 if returncode is None:
@@ -323,16 +351,44 @@ def _failure_message(child: Child, returncode: int) -> str:
     )
 
 
+# Names of the signals that arrived while `termination_signals` was active.
+_RECEIVED_SIGNALS: list[str] = []
+
+
+def _raise_for_signal(name: str) -> None:
+    if name == "SIGINT":
+        raise KeyboardInterrupt
+    raise DemoInterrupted(name)
+
+
+def raise_if_interrupted() -> None:
+    """Raise for a signal whose exception was lost, such as one that arrived during a fork.
+
+    Python ignores an exception raised by a signal handler inside an at-fork callback (logging
+    registers one), so a Ctrl-C while a child starts would otherwise be dropped.
+    """
+    if _RECEIVED_SIGNALS:
+        _raise_for_signal(_RECEIVED_SIGNALS[0])
+
+
 @contextlib.contextmanager
 def termination_signals() -> Iterator[None]:
-    """Turn SIGTERM and SIGHUP into DemoInterrupted while the block runs (main thread only)."""
+    """Turn SIGINT, SIGTERM and SIGHUP into exceptions while the block runs (main thread only).
+
+    SIGINT raises KeyboardInterrupt (unless it was ignored when the block started), the others
+    DemoInterrupted. Each signal is also recorded for :func:`raise_if_interrupted`.
+    """
 
     def handler(signum: int, frame: object) -> None:
-        raise DemoInterrupted(signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        _RECEIVED_SIGNALS.append(name)
+        _raise_for_signal(name)
 
-    previous = {}
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        previous[signum] = signal.signal(signum, handler)
+    _RECEIVED_SIGNALS.clear()
+    signums = [signal.SIGTERM, signal.SIGHUP]
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signums.append(signal.SIGINT)
+    previous = {signum: signal.signal(signum, handler) for signum in signums}
     try:
         yield
     finally:
@@ -664,6 +720,12 @@ def table_rows(summary: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     return out
 
 
+def _image_size_text(settings: Mapping[str, Any]) -> str:
+    if settings["arch"] == "clip-windows":
+        return " (35 windows of each image embedded by the labeling CLIP)"
+    return f" at {settings['image_size']} px" if settings.get("image_size") else ""
+
+
 def format_summary(summary: Mapping[str, Any]) -> str:
     """Lay the summary out as the demo's closing report: table, targets and outputs."""
     settings = summary["settings"]
@@ -677,7 +739,7 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     lines = [
         f"digit-scenes: {settings['n_train']} train, {settings['n_test']} test and "
         f"{settings['n_val']} validation images of side {settings['side']} px, labeled by "
-        f"digits-clip; classifier {settings['arch']} at {settings['image_size']} px, "
+        f"digits-clip; classifier {settings['arch']}{_image_size_text(settings)}, "
         f"{settings['epochs']} epochs",
         "",
         line(header),
@@ -945,6 +1007,25 @@ def label_training_split(
         progress.line(f"server: stopped (exit status {server.child.process.returncode})")
 
 
+def labeling_clip_folder(config: DemoConfig, layout: Layout) -> Path:
+    """Return the folder of the CLIP model that labeled the training split.
+
+    Its name is the `model` of the pseudo-label header, in the labeling server's repository.
+    """
+    from cdul_server.model_repository import DEFAULT_MODEL_REPOSITORY
+
+    header = read_pseudo_labels(layout.train_labels).header
+    name = str(header.get("model") or "")
+    repository = Path(config.models) if config.models else DEFAULT_MODEL_REPOSITORY
+    folder = repository / name
+    if not name or not (folder / "config.json").is_file():
+        raise DemoError(
+            f"{layout.train_labels} names the CLIP model {name!r}, which is not a folder of "
+            f"{repository}: pass the labeling repository with --models"
+        )
+    return folder.resolve()
+
+
 def fit_command(config: DemoConfig, layout: Layout, configuration: str, seed: int) -> list[str]:
     """Return the `cdul-train fit` argv of one configuration and seed."""
     return command(
@@ -959,6 +1040,7 @@ def fit_command(config: DemoConfig, layout: Layout, configuration: str, seed: in
         arch=config.arch,
         loss=config.loss,
         image_size=config.image_size,
+        clip_model=labeling_clip_folder(config, layout) if config.arch == "clip-windows" else None,
         epochs=config.epochs,
         batch_size=config.batch_size,
         seed=seed,
@@ -1214,7 +1296,6 @@ SMALL = {
     "n_val": 20,
     "side": 64,
     "seeds": [0, 1],
-    "image_size": 32,
     "epochs": 2,
     "warmup": 0,
     "batch_size": 16,
@@ -1272,8 +1353,9 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument(
         "--arch",
         default=d.arch,
-        choices=IMAGE_ARCHS,
-        help=f"classifier architecture of cdul-train fit (default {d.arch})",
+        choices=DEMO_ARCHS,
+        help=f"classifier architecture of cdul-train fit (default {d.arch}: a head on the "
+        "frozen labeling CLIP's embeddings of image windows; small-cnn trains from pixels)",
     )
     training.add_argument(
         "--loss",
@@ -1285,9 +1367,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-size",
         type=int,
         metavar="PIXELS",
-        help=f"classifier input side in pixels (default {d.image_size})",
+        help="classifier input side in pixels (default 48 for small-cnn, cdul-train fit's "
+        "default for ResNets; clip-windows takes 3 times the CLIP input side)",
     )
-    training.add_argument("--epochs", type=int, help=f"training epochs (default {d.epochs})")
+    epochs = ", ".join(f"{arch} {n}" for arch, n in DEMO_EPOCHS.items())
+    training.add_argument("--epochs", type=int, help=f"training epochs (default: {epochs})")
     training.add_argument(
         "--batch-size",
         type=int,
@@ -1298,7 +1382,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--warmup",
         type=int,
         metavar="EPOCHS",
-        help="epochs before the first label update (default: cdul-train fit's default)",
+        help="epochs before the first label update (default 2 for clip-windows, cdul-train "
+        "fit's default of 5 otherwise)",
     )
     training.add_argument(
         "--label-lr",
