@@ -22,8 +22,8 @@ class Plan:
         precisions: Image encoder precisions.
         encoder_images: Images whose views form the pre-made batches of (a), per model.
         encoder_batch_sizes: Views per encoder call in (a), per model.
-        int8_matmul_variant: Models whose (a) also measures an int8 graph with only MatMul and
-            Gemm quantized.
+        int8_conv_variant: Models whose (a) also measures an int8 graph with Conv quantized
+            too, beside the default int8 graph of MatMul and Gemm only.
         server_images: Images per timed repeat of (b) at each client concurrency, per model.
         concurrencies: Client concurrencies of (b).
         max_batch_sizes: ``--max-batch-size`` values of the sweep at concurrency 4, per model;
@@ -49,7 +49,7 @@ class Plan:
     precisions: list[str] = field(default_factory=lambda: ["fp32", "int8"])
     encoder_images: dict[str, int] = field(default_factory=dict)
     encoder_batch_sizes: dict[str, list[int]] = field(default_factory=dict)
-    int8_matmul_variant: list[str] = field(default_factory=list)
+    int8_conv_variant: list[str] = field(default_factory=list)
     server_images: dict[str, dict[int, int]] = field(default_factory=dict)
     concurrencies: list[int] = field(default_factory=lambda: [1, 4, 16])
     max_batch_sizes: dict[str, list[int]] = field(default_factory=dict)
@@ -80,7 +80,7 @@ def full_plan(threads: int, repeats: int) -> Plan:
         matmul_shapes=[(500, 768, 3072), (500, 3072, 768)],
         encoder_images={"ViT-B-32": 4, "digits-clip": 128},
         encoder_batch_sizes={"ViT-B-32": [10, 40], "digits-clip": [10, 80, 320]},
-        int8_matmul_variant=["ViT-B-32"],
+        int8_conv_variant=["ViT-B-32", "digits-clip"],
         # Over 3 repeats the requests of (b) walk through all 128 images of coco128 once, so
         # (d) relabels the whole corpus.
         server_images={
@@ -103,7 +103,7 @@ def smoke_plan(threads: int) -> Plan:
         clip_models=["tiny-clip"],
         encoder_images={"tiny-clip": 2},
         encoder_batch_sizes={"tiny-clip": [10]},
-        int8_matmul_variant=["tiny-clip"],
+        int8_conv_variant=["tiny-clip"],
         server_images={"tiny-clip": {1: 2, 4: 4, 16: 4}},
         max_batch_sizes={"tiny-clip": [16, 8]},
         reproduction_model={"tiny-clip": "smoke"},

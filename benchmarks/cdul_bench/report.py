@@ -247,9 +247,9 @@ def _encoder_section(results: dict[str, Any]) -> list[str]:
             "the corpus with cdul_server.preprocess before timing, encoded with "
             "cdul_server.model_repository.ClipModel.encode_images. Utilization is views/s x "
             "FLOPs per view over the fp32 matmul ceiling; for int8 it is the fp32-equivalent "
-            "rate. A model name ending in -int8-matmul is the same graph quantized by the "
-            "benchmark with only MatMul and Gemm in int8 (the patch-embedding Conv stays fp32), "
-            "to show what ONNX Runtime's slow ConvInteger kernel costs the exported int8 graph.",
+            "rate. int8 graphs quantize MatMul and Gemm only, as cdul-export does. A model name "
+            "ending in -int8-conv is the same graph quantized by the benchmark with Conv in int8 "
+            "too, to show what ONNX Runtime's ConvInteger kernel would cost.",
         ]
     return lines
 
