@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +12,8 @@ from pathlib import Path
 _logger = logging.getLogger(__name__)
 
 EXPORT_TIMEOUT_S = 1800
+# Written beside an export: the digest of the code that made it (see exporter_stamp).
+EXPORT_STAMP_FILE = "export-stamp.txt"
 
 
 def export_command(model: str, out: Path, threads: int) -> list[str]:
@@ -43,15 +47,39 @@ def export_random_clip(model: str, repositories: Path, threads: int) -> tuple[Pa
     """
     folder = repositories / model / model
     command = export_command(model, folder, threads)
+    stamp_file = folder.parent / EXPORT_STAMP_FILE
+    stamp = exporter_stamp(command)
     if (folder / "config.json").is_file():
-        _logger.info("reusing the export in %s", folder)
-        return folder, " ".join(command)
+        if stamp_file.is_file() and stamp_file.read_text() == stamp:
+            _logger.info("reusing the export in %s", folder)
+            return folder, " ".join(command)
+        _logger.info("the export in %s is from other cdul-export code; exporting again", folder)
+        shutil.rmtree(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     _logger.info("exporting %s with random weights to %s", model, folder)
     done = subprocess.run(command, capture_output=True, text=True, timeout=EXPORT_TIMEOUT_S)
     if done.returncode != 0:
         raise RuntimeError(f"cdul-export exited {done.returncode}: {done.stderr[-1500:]}")
+    stamp_file.write_text(stamp)
     return folder, " ".join(command)
+
+
+def exporter_stamp(command: list[str]) -> str:
+    """Return a digest of the export command and the source of cdul_export and cdul_server.
+
+    An export is reused only while this digest is unchanged, so a change to the exporter
+    or to the server's loader that it checks against exports the model again.
+    """
+    import cdul_export
+    import cdul_server
+
+    digest = hashlib.sha256(" ".join(command[1:]).encode())
+    for package in (cdul_export, cdul_server):
+        root = Path(package.__file__).parent
+        for path in sorted(root.rglob("*.py")):
+            digest.update(path.relative_to(root).as_posix().encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def export_tiny_clip_model(repositories: Path) -> tuple[Path, str]:
