@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from PIL import Image
 
@@ -224,25 +225,46 @@ def test_flag_false_gets_full_length(tiny_model_repository: Path, tmp_path: Path
     assert shapes == [(1, 77), (1, _eot_end(tokens, 0))]
 
 
-def test_shipped_digits_clip_gets_full_length() -> None:
+def test_shipped_digits_clip_trims_padding() -> None:
     clip = load_model(DEFAULT_MODEL_REPOSITORY / DEFAULT_CLIP_MODEL, ONE_THREAD)
     assert isinstance(clip, ClipModel)
-    assert "trim_padding" not in clip.config["tokenizer"]
-    assert clip.trim_padding is False
+    assert clip.config["tokenizer"]["trim_padding"] is True
+    assert clip.trim_padding is True
     shapes = _record_text_inputs(clip)
-    embeddings = clip.encode_texts(["a photo of the digit seven.", "seven"])
+    prompts = ["a photo of the digit seven.", "seven"]
+    embeddings = clip.encode_texts(prompts)
     assert embeddings.shape == (2, 64)
-    assert shapes == [(2, 16)]
-    with pytest.raises(ValueError, match="takes exactly 16 tokens"):
-        clip.encode_tokens(clip.tokenizer(["seven"]), trim_padding=True)
+    tokens = clip.tokenizer(prompts)
+    assert shapes == [(2, _eot_end(tokens, 0))]
+    full = clip.encode_tokens(tokens, trim_padding=False)
+    assert shapes[-1] == (2, 16)
+    np.testing.assert_allclose(embeddings, full, atol=1e-5)
+
+
+def _fix_text_length(model_dir: Path, length: int) -> None:
+    """Rewrite text.onnx so that its token input has a fixed length, as older exports had."""
+    path = model_dir / "text.onnx"
+    graph = onnx.load(str(path))
+    dim = graph.graph.input[0].type.tensor_type.shape.dim[1]
+    dim.Clear()
+    dim.dim_value = length
+    onnx.save(graph, str(path))
 
 
 def test_trim_padding_on_fixed_length_graph(tmp_path: Path) -> None:
     model_dir = tmp_path / "models" / DEFAULT_CLIP_MODEL
     shutil.copytree(DEFAULT_MODEL_REPOSITORY / DEFAULT_CLIP_MODEL, model_dir)
-    _edit_tokenizer_config(model_dir, trim_padding=True)
+    _fix_text_length(model_dir, 16)
     with pytest.raises(ModelRepositoryError, match=r"text\.onnx takes exactly 16 tokens"):
         load_model(model_dir)
+    _edit_tokenizer_config(model_dir, trim_padding=False)
+    clip = load_model(model_dir, ONE_THREAD)
+    assert isinstance(clip, ClipModel)
+    shapes = _record_text_inputs(clip)
+    clip.encode_texts(["seven"])
+    assert shapes == [(1, 16)]
+    with pytest.raises(ValueError, match="takes exactly 16 tokens"):
+        clip.encode_tokens(clip.tokenizer(["seven"]), trim_padding=True)
 
 
 def test_trim_padding_must_be_boolean(tiny_model_repository: Path, tmp_path: Path) -> None:
