@@ -351,7 +351,7 @@ def test_concurrent_new_vocabulary_encoded_once(
     assert encoder_calls == 1
 
 
-def test_expired_deadline_drops_the_work_and_server_keeps_serving(
+def test_expired_deadline_drops_queued_views(
     server_factory, srv: SimpleNamespace, coco_images
 ) -> None:
     # A 2 s queue delay and a large batch hold the views in the queue past the 0.3 s deadline.

@@ -128,7 +128,7 @@ class _Context:
         raise RuntimeError(f"{code}: {details}")
 
 
-def test_gate_counts_a_call_until_grpc_reports_it_terminated() -> None:
+def test_gate_counts_call_until_terminated() -> None:
     gate = DrainGate()
     context = _Context()
     handler = gate._wrap_unary("/cdul.v1.Labeler/ListModels", lambda request, ctx: "reply")

@@ -49,10 +49,10 @@ def inline_identity_initializers(model: onnx.ModelProto) -> int:
 
 
 # Operators whose weights are quantized by default. ONNX Runtime's CPU kernel for the int8
-# convolution (ConvInteger) is slower than its fp32 Conv: with convolutions quantized, the
-# digits-clip image encoder ran 3.7 times slower than in fp32 (one thread, 350 views a batch),
-# while quantizing only the matrix products made it 1.15 times faster. ViT towers and the
-# attention pool of ResNet towers spend their time in matrix products.
+# convolution (ConvInteger) is slower than its fp32 Conv. With convolutions quantized, the
+# digits-clip image encoder ran 3.7 times slower than in fp32 (one thread, 350 views a batch).
+# Quantizing only the matrix products made it 1.15 times faster. ViT towers and the attention
+# pool of ResNet towers spend their time in matrix products.
 DEFAULT_OP_TYPES = ("MatMul", "Gemm")
 
 

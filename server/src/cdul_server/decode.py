@@ -72,9 +72,9 @@ def decode_image(data: bytes, max_pixels: int, min_side: int | None = None) -> D
         max_pixels: Images with more than this many pixels (width * height, as declared in the
             file header) are rejected before their pixels are decoded.
         min_side: When set, a JPEG whose shorter side is at least twice this many pixels is
-            decoded in draft mode: the decoder scales it by 1/2, 1/4 or 1/8 in the DCT, to the
-            smallest such size whose shorter side is still at least ``min_side``. This costs
-            a fraction of a full decode and a later downscale.
+            decoded in draft mode, at a fraction of the cost of a full decode. The decoder then
+            scales it by 1/2, 1/4 or 1/8 in the DCT, to the smallest such size whose shorter
+            side is still at least ``min_side``.
 
     Returns:
         The decoded image.

@@ -146,8 +146,8 @@ class DrainGate(CallInterceptor):
                 self._in_flight += 1
             starting = self._starting and not self._draining
         if admitted:
-            # The handler returns before gRPC has sent the response; a call counts as in
-            # flight until gRPC reports it terminated, so that shutdown cannot cut a reply.
+            # The handler returns before gRPC has sent the response. So a call counts as in
+            # flight until gRPC reports it terminated, and shutdown cannot cut a reply.
             release = _Once(self._release)
             if not context.add_callback(release):
                 release()

@@ -9,11 +9,12 @@ on a grid of half cells (`s / 2` pixels each, six to a side), at three scales:
 - windows of 2 half cells at a stride of one half cell, at full resolution: 25 views.
 
 The frozen CLIP image encoder embeds all 35 views. Per scale, a two-layer perceptron maps each
-view's embedding to class logits and a maximum over the views of that scale keeps the
-strongest window; the three maxima are added. Windows overlap by half, so an object that a
-3 x 3 tile grid would cut in two lies whole in some window. Only the perceptrons train, so
-`cdul-train fit` embeds the corpus once and trains on the embeddings. Export composes the
-window cutting, the CLIP image graph and the heads into one ONNX graph from pixels to logits.
+view's embedding to class logits, and the maximum over the views of that scale keeps the
+strongest window. The logits are the sum of the three maxima. Windows overlap by half, so an
+object that a 3 x 3 tile grid would cut in two lies whole in some window. Only the perceptrons
+train, so `cdul-train fit` embeds the corpus once and trains on the embeddings. Export composes
+the window cutting, the CLIP image graph and the heads into one ONNX graph from pixels to
+logits.
 """
 
 from __future__ import annotations

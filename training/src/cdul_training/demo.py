@@ -65,8 +65,8 @@ DEMO_ARCHS = ("clip-windows", "small-cnn", "resnet50", "resnet101")
 DEMO_EPOCHS = {"clip-windows": 12, "small-cnn": 12, "resnet50": 12, "resnet101": 12}
 # Per arch: warm-up epochs before the first label update (None: cdul-train fit's default, 5).
 # The clip-windows head reaches its best validation mAP in about 5 epochs, so its labels start
-# moving after 2; otherwise the best epoch of both configurations falls in the warm-up, where
-# the two runs of a seed are the same run.
+# moving after 2. With a longer warm-up the best epoch of both configurations falls in it, and
+# there the two runs of a seed are the same run.
 DEMO_WARMUP: dict[str, int | None] = {"clip-windows": 2}
 DEMO_IMAGE_SIZE: dict[str, int | None] = {
     "clip-windows": None,
