@@ -212,6 +212,10 @@ def test_config_small_then_explicit_options() -> None:
         ("--side", "32", "--side 32"),
         ("--n-test", "0", "--n-test 0"),
         ("--jobs", "0", "--jobs 0"),
+        ("--label-lr", "nan", "--label-lr nan"),
+        ("--label-lr", "-1", "--label-lr -1.0"),
+        ("--models", "no-such-folder", "--models no-such-folder: not a folder"),
+        ("--voc-cache", "no-such-cache.npz", "--voc-cache no-such-cache.npz: file not found"),
     ],
 )
 def test_bad_option_exits_2(

@@ -208,6 +208,16 @@ def test_resume_rejects_other_settings(fake_server, coco, tmp_path, capsys, extr
     assert out.read_bytes() == before
 
 
+def test_class_file_byte_order_mark_dropped(tmp_path: Path) -> None:
+    from cdul_client.cli import read_class_names
+
+    classes = tmp_path / "classes.txt"
+    classes.write_bytes(b"\xef\xbb\xbfone\ntwo\n")
+    assert read_class_names(classes) == ["one", "two"]
+    classes.write_bytes(b'\xef\xbb\xbf["one", "two"]')
+    assert read_class_names(classes) == ["one", "two"]
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -345,6 +355,32 @@ def test_unreachable_server_and_wrong_token(fake_server, coco, tmp_path, capsys)
     assert "--token" in stderr
     assert "UNAUTHENTICATED" in stderr
     assert not out.exists()
+
+
+def test_rejected_first_batch_leaves_no_output(fake_server, coco, tmp_path, capsys) -> None:
+    images, classes = coco
+    out = tmp_path / "labels.jsonl"
+    # The preflight call succeeds, then the server rejects every batch as invalid.
+    fake_server.servicer.fail_next = [None] + [grpc.StatusCode.INVALID_ARGUMENT] * 50
+    fake_server.servicer.fail_message = "prompt 'x x x' has 80 tokens"
+    code, _, stderr = _run(
+        capsys, "pseudo", str(images), "--classes", str(classes),
+        "--server", fake_server.target, "--out", str(out), "--batch-size", "8",
+    )  # fmt: skip
+    assert code == 2
+    assert "80 tokens" in stderr
+    assert "nothing was written" in stderr
+    assert "--resume" not in stderr
+    assert not out.exists()
+    assert not errors_path(out).exists()
+    # After the fix a plain rerun works, with no --overwrite.
+    fake_server.servicer.fail_next = []
+    code, _, _ = _run(
+        capsys, "pseudo", str(images), "--classes", str(classes),
+        "--server", fake_server.target, "--out", str(out),
+    )  # fmt: skip
+    assert code == 0
+    assert out.is_file()
 
 
 def test_server_loss_mid_run_keeps_written_records(fake_server, coco, tmp_path, capsys) -> None:

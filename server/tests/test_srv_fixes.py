@@ -367,3 +367,19 @@ def test_expired_deadline_drops_queued_views(
     assert response.results[0].status.code == 0
     text = srv.scrape(server)
     assert srv.metric_value(text, "cdul_views_encoded_total", model="tiny-clip") == 10
+
+
+def test_prompt_longer_than_context_rejected(
+    shared_server, srv: SimpleNamespace, coco_images
+) -> None:
+    stub = srv.stub_for(shared_server)
+    long_name = " ".join(["x"] * 80)  # 80 tokens, more than the 75 between start and end
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.PseudoLabel(srv.pseudo_request(coco_images[:1], ["dog", long_name]), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = caught.value.details()
+    assert "tokens, more than the 75" in details
+    assert "shorten the class name or the template" in details
+    fitting = " ".join(["x"] * 60)
+    response = stub.PseudoLabel(srv.pseudo_request(coco_images[:1], ["dog", fitting]), timeout=30)
+    assert response.results[0].status.code == 0

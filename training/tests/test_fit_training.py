@@ -335,3 +335,37 @@ def test_fit_reads_image_list_file(corpus: SyntheticCorpus, tmp_path: Path) -> N
     assert read_pseudo_labels(tmp_path / "run" / "pseudo_labels.refined.jsonl").ids == [
         r["id"] for r in records
     ]
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--label-lr", "nan"), ("--lr", "inf"), ("--weight-decay", "nan"), ("--sigma", "inf")],
+)
+def test_fit_rejects_non_finite_steps(
+    option: str, value: str, corpus: SyntheticCorpus, tmp_path: Path, capsys
+) -> None:
+    argv = _argv(corpus, tmp_path / "run", "--epochs", "1", option, value)
+    if option == "--lr":
+        index = argv.index("--lr")
+        del argv[index : index + 2]
+        argv += [option, value]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{option} {value}: must be a finite number" in err
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_fit_clip_model_config_without_preprocess(
+    corpus: SyntheticCorpus, tmp_path: Path, capsys
+) -> None:
+    clip_dir = tmp_path / "notclip"
+    clip_dir.mkdir()
+    (clip_dir / "config.json").write_text("{}")
+    argv = _argv(corpus, tmp_path / "run", "--epochs", "1", "--clip-model", str(clip_dir))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "missing preprocess size, mean, std" in err
+    assert len(err.strip().splitlines()) == 1
+    argv[argv.index("--clip-model") + 1] = str(clip_dir / "config.json")
+    assert main(argv) == 2
+    assert "not a folder" in capsys.readouterr().err

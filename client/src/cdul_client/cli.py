@@ -34,6 +34,7 @@ from cdul_client.labelfile import (
     OutputError,
     check_output_folder,
     errors_path,
+    journal_path,
     open_error_log,
     open_output,
     read_label_file,
@@ -440,7 +441,9 @@ def read_class_names(path: Path) -> list[str]:
         UsageError: the file is missing, empty, has a blank line or a duplicate name.
     """
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig drops the byte-order mark that some editors write, which would otherwise
+        # become part of the first class name.
+        text = path.read_text(encoding="utf-8-sig")
     except OSError as err:
         raise UsageError(f"cannot read --classes {path}: {err.strerror}") from err
     except UnicodeDecodeError as err:
@@ -731,24 +734,43 @@ def _finish_run(
     summary = labeler.summary
     summary.skipped = skipped
     complete = False
+    stopped: RunStopped | None = None
     try:
         work()
         complete = True
     except RunStopped as stop:
-        _fail(
-            f"{describe_call_error(stop.error, args.server, args.timeout)}; "
-            f"{summary.labeled} records were written to {args.out}: fix that, then rerun "
-            "with --resume"
-        )
-        return EXIT_FAILED
+        stopped = stop
     except KeyboardInterrupt:
         _fail(f"interrupted; {summary.labeled} records were written: rerun with --resume")
         return EXIT_INTERRUPTED
     finally:
         labeler.sink.close(complete=complete)
         errors.close()
+    if stopped is not None:
+        return _report_stop(args, summary, stopped)
     _print_summary(summary, args.out)
     return EXIT_SOME_IMAGES_FAILED if summary.failed else EXIT_OK
+
+
+def _report_stop(args: argparse.Namespace, summary: Summary, stop: RunStopped) -> int:
+    """Report a whole-call failure; remove the output when this run wrote nothing to it.
+
+    A first call rejected as invalid (a class name or template the server does not accept)
+    would fail again on resume, whose header keeps that vocabulary, so a new run that wrote
+    no record leaves no file behind and the message says to rerun without --resume.
+    """
+    problem = describe_call_error(stop.error, args.server, args.timeout)
+    invalid = stop.error.code == grpc.StatusCode.INVALID_ARGUMENT
+    if not args.resume and summary.labeled == 0 and summary.failed == 0:
+        for path in (args.out, journal_path(args.out), errors_path(args.out)):
+            path.unlink(missing_ok=True)
+        _fail(f"{problem}; nothing was written to {args.out}: fix that, then run again")
+    else:
+        _fail(
+            f"{problem}; {summary.labeled} records were written to {args.out}: fix that, then "
+            "rerun with --resume"
+        )
+    return EXIT_USAGE if invalid else EXIT_FAILED
 
 
 def _print_summary(summary: Summary, out: Path) -> None:

@@ -571,6 +571,7 @@ class LabelerServicer:
     ) -> None:
         clip = loaded.model
         assert isinstance(clip, ClipModel)
+        _check_prompt_lengths(clip, prompts)
         for start in range(0, len(prompts), _TEXT_CHUNK):
             chunk = prompts[start : start + _TEXT_CHUNK]
             started = time.perf_counter()
@@ -798,6 +799,25 @@ class LabelerServicer:
                     continue
                 job.logits = call.wait(prepared.embeddings)[0]
                 self.prediction_cache.put_many(loaded.key, [job.key], job.logits[None])
+
+
+def _check_prompt_lengths(clip: ClipModel, prompts: Sequence[str]) -> None:
+    """Reject a prompt whose tokens do not fit the text encoder's context.
+
+    The tokenizer would cut such a prompt, so two class names that differ only after the cut
+    would get the same embedding and the same scores.
+    """
+    tokenizer = clip.tokenizer
+    room = tokenizer.context_length - 2  # the start and end tokens
+    for prompt in prompts:
+        length = len(tokenizer.encode(prompt))
+        if length > room:
+            _logger.info("rejected a prompt of %d tokens for model %s", length, clip.name)
+            raise invalid_argument(
+                f"prompt {echo(prompt, 80)} has {length} tokens, more than the {room} that "
+                f"the text encoder of {clip.name} takes (context of {tokenizer.context_length} "
+                "with start and end tokens): shorten the class name or the template"
+            )
 
 
 @contextlib.contextmanager

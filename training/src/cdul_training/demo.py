@@ -162,6 +162,12 @@ class DemoConfig:
             raise ValueError("--seeds is empty: give at least one seed, such as 0,1,2")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"--seeds {self.seeds} repeats a seed: give distinct seeds")
+        if self.label_lr is not None and not (math.isfinite(self.label_lr) and self.label_lr >= 0):
+            raise ValueError(f"--label-lr {self.label_lr}: use a finite step of 0 or more")
+        if self.models is not None and not Path(self.models).is_dir():
+            raise ValueError(
+                f"--models {self.models}: not a folder; pass a model repository folder"
+            )
         if self.warmup is not None and self.warmup < 0:
             raise ValueError(f"--warmup {self.warmup}: use 0 or more epochs")
         if not self.server_timeout_s > 0:
@@ -1438,7 +1444,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level",
         default="WARNING",
-        help="logging level of the demo itself: DEBUG, INFO, WARNING (default WARNING)",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="logging level of the demo itself (default WARNING)",
     )
     return parser
 
@@ -1466,7 +1473,13 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
     runtime = ("jobs", "threads", "server_threads", "server_timeout_s")
     for name in ("scenes_seed", "arch", "loss", *runtime):
         values[name] = getattr(args, name)
-    values["voc_cache"] = str(_resolve_voc_cache(args.voc_cache))
+    voc_cache = _resolve_voc_cache(args.voc_cache)
+    if args.voc_cache != str(VOC_CACHE_RELATIVE) and not voc_cache.is_file():
+        raise ValueError(
+            f"--voc-cache {args.voc_cache}: file not found; pass the cache.npz of "
+            "voc2012-rn50x64-cache or leave the option out"
+        )
+    values["voc_cache"] = str(voc_cache)
     values["models"] = args.models
     config = DemoConfig(**values)
     config.validate()

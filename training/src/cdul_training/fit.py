@@ -150,11 +150,15 @@ class FitConfig:
             self.label_lr = DEFAULT_LABEL_LR[self.loss]
         if self.lr is None:
             self.lr = DEFAULT_LR.get(self.arch, DEFAULT_LR["default"])
+        for name in ("sigma", "lr", "label_lr", "weight_decay"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"--{_flag(name)} {getattr(self, name)}: must be a finite number")
         for name in ("sigma", "lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{_flag(name)} {getattr(self, name)}: must be positive")
-        if self.label_lr < 0 or self.weight_decay < 0:
-            raise ValueError("--label-lr and --weight-decay must be >= 0")
+        for name in ("label_lr", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{_flag(name)} {getattr(self, name)}: must be >= 0")
         if not 0 < self.label_eps < 0.5:
             raise ValueError(f"--label-eps {self.label_eps}: must be in (0, 0.5)")
         if self.image_size is not None and self.image_size < 16:
@@ -214,10 +218,30 @@ def _preprocess_for(config: FitConfig) -> tuple[int | None, Any, Any, dict[str, 
     """Return (image size, mean, std, CLIP model config) of the run's inputs."""
     clip_config = None
     if config.clip_model:
-        path = Path(config.clip_model) / "config.json"
+        folder = Path(config.clip_model)
+        path = folder / "config.json"
+        if not folder.is_dir():
+            raise RecordError(
+                f"--clip-model {config.clip_model}: not a folder; pass the CLIP folder of a "
+                "model repository"
+            )
         if not path.is_file():
             raise RecordError(f"--clip-model {config.clip_model}: no config.json in that folder")
-        clip_config = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            clip_config = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as err:
+            raise RecordError(f"{path}: invalid JSON ({err})") from None
+        preprocess = clip_config.get("preprocess") if isinstance(clip_config, dict) else None
+        missing = [
+            key
+            for key in ("size", "mean", "std")
+            if not isinstance(preprocess, dict) or key not in preprocess
+        ]
+        if missing:
+            raise RecordError(
+                f"{path}: missing preprocess {', '.join(missing)}; pass the CLIP folder of a "
+                "model repository, whose config.json cdul-export wrote"
+            )
     if config.arch == "clip-linear":
         if clip_config is None:
             return None, None, None, None
