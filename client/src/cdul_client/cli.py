@@ -756,8 +756,8 @@ def _report_stop(args: argparse.Namespace, summary: Summary, stop: RunStopped) -
     """Report a whole-call failure; remove the output when this run wrote nothing to it.
 
     A first call rejected as invalid (a class name or template the server does not accept)
-    would fail again on resume, whose header keeps that vocabulary, so a new run that wrote
-    no record leaves no file behind and the message says to rerun without --resume.
+    would fail again on resume, because the header keeps that vocabulary. So a new run that
+    wrote no record removes its output, and the message asks for a plain rerun.
     """
     problem = describe_call_error(stop.error, args.server, args.timeout)
     invalid = stop.error.code == grpc.StatusCode.INVALID_ARGUMENT
