@@ -555,3 +555,27 @@ def test_client_imports_no_torch_or_onnxruntime() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--attempts", "0", "--attempts must be at least 1, got 0"),
+        ("--batch-size", "0", "--batch-size must be at least 1, got 0"),
+        ("--concurrency", "0", "--concurrency must be at least 1, got 0"),
+        ("--timeout", "nan", "--timeout must be a finite number"),
+    ],
+)
+def test_run_option_ranges_exit_2(
+    fake_server, coco, tmp_path, capsys, option: str, value: str, message: str
+) -> None:
+    images, classes = coco
+    out = tmp_path / "labels.jsonl"
+    code, _, stderr = _run(
+        capsys, "pseudo", str(images), "--classes", str(classes),
+        "--server", fake_server.target, "--out", str(out), option, value,
+    )  # fmt: skip
+    assert code == 2
+    assert message in stderr
+    assert not out.exists()
+    assert fake_server.servicer.calls == 0

@@ -531,6 +531,8 @@ def _check_run_options(args: argparse.Namespace) -> None:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.concurrency < 1:
         raise UsageError(f"--concurrency must be at least 1, got {args.concurrency}")
+    if args.attempts < 1:
+        raise UsageError(f"--attempts must be at least 1, got {args.attempts}")
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other: pass one")
     if not (math.isfinite(args.timeout) and args.timeout > 0):
@@ -842,7 +844,11 @@ def _classifier_model(client: LabelerClient, name: str | None) -> ModelInfo:
         for model in models:
             if model.name == name:
                 if model.kind != "classifier":
-                    raise UsageError(f"model {name!r} is a {model.kind}, not a classifier")
+                    names = ", ".join(model.name for model in classifiers) or "none"
+                    raise UsageError(
+                        f"model {name!r} is a {model.kind}, not a classifier: pass one of "
+                        f"{names} with --model"
+                    )
                 return model
         names = ", ".join(model.name for model in classifiers) or "none"
         raise UsageError(f"classifier {name!r} not found on the server: use one of {names}")

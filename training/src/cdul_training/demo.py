@@ -1465,7 +1465,7 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
             values[name] = getattr(args, name)
     if args.seeds is not None:
         try:
-            values["seeds"] = [int(item) for item in args.seeds.split(",") if item.strip()]
+            values["seeds"] = [int(item) for item in args.seeds.split(",")]
         except ValueError:
             raise ValueError(
                 f"--seeds {args.seeds!r}: give comma-separated integers, such as 0,1,2"
