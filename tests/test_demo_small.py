@@ -186,6 +186,14 @@ def test_format_summary_shows_table_rows() -> None:
     assert "NOT met (58.75 vs 59.60)" in text
     assert "beat the global scores by >= 5 mAP: met (+9.10)" in text
     assert "models: out/models" in text
+    assert "too noisy" not in text
+
+
+def test_format_summary_notes_small_test_split() -> None:
+    summary = _summary()
+    summary["settings"] = demo.asdict(demo.DemoConfig(out="x", n_test=20, n_val=20))
+    text = demo.format_summary(summary)
+    assert "note: with 20 test and 20 validation images the mAPs are too noisy" in text
 
 
 def test_plot_summary_writes_png(tmp_path: Path) -> None:

@@ -131,6 +131,7 @@ def test_fit_clip_windows_trains_on_window_embeddings(
     [
         (("--augment", "flip"), "--augment flip"),
         (("--image-size", "64"), "--image-size 64"),
+        (("--weights", "imagenet"), "applies to ResNets only"),
     ],
 )
 def test_fit_clip_windows_bad_options_exit_2(

@@ -80,6 +80,8 @@ CONFIGURATION_TITLES = {
 }
 # Targets that the demo checks on digit-scenes, in mAP points.
 FINAL_OVER_GLOBAL_MARGIN = 5.0
+# Below this many test or validation images the table carries a note that its mAPs are noisy.
+MIN_TEST_IMAGES = 100
 # Folders under --out that the demo writes; a rerun replaces them.
 OUTPUT_FOLDERS = (
     "scenes",
@@ -767,6 +769,12 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         f"{_number(second['final_train_map'])})",
         "",
     ]
+    if settings["n_test"] < MIN_TEST_IMAGES or settings["n_val"] < MIN_TEST_IMAGES:
+        lines += [
+            f"note: with {settings['n_test']} test and {settings['n_val']} validation images the "
+            f"mAPs are too noisy to judge the targets; use {MIN_TEST_IMAGES} or more of each",
+            "",
+        ]
     lines += [f"{name}: {path}" for name, path in summary["outputs"].items()]
     lines.append(f"wall time: {summary['wall_time_s']:.1f} s")
     return "\n".join(lines)

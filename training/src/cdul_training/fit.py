@@ -173,6 +173,10 @@ class FitConfig:
             )
         if self.val_labels and self.arch != "clip-linear" and not self.val_images:
             raise ValueError("--val-labels needs --val-images")
+        if self.weights != "none" and not self.arch.startswith("resnet"):
+            raise ValueError(
+                f"--weights {self.weights!r} applies to ResNets only; use 'none' with {self.arch}"
+            )
         if self.arch == "clip-windows":
             if not self.clip_model:
                 raise ValueError(
