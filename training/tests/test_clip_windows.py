@@ -86,8 +86,8 @@ def test_embed_windows_matches_encoding_each_view(tiny_model_repository: Path) -
     items = [(torch.randn(3, 3 * side, 3 * side), i) for i in range(3)]
     embedded = embed_windows(clip, items, batch_size=2)
     assert embedded.shape == (3, N_VIEWS, clip.embedding_dim)
-    one = WindowViews(side)(items[2][0][None]).numpy()
-    np.testing.assert_allclose(embedded[2], clip.encode_images(one), atol=1e-5)
+    last_views = WindowViews(side)(items[2][0][None]).numpy()
+    np.testing.assert_allclose(embedded[2], clip.encode_images(last_views), atol=1e-5)
 
 
 def _fit_argv(tmp_path: Path, clip_dir: Path, *extra: str) -> tuple[list[str], Path]:

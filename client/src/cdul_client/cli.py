@@ -759,7 +759,7 @@ def _report_stop(args: argparse.Namespace, summary: Summary, stop: RunStopped) -
 
     A first call rejected as invalid (a class name or template the server does not accept)
     would fail again on resume, because the header keeps that vocabulary. So a new run that
-    wrote no record removes its output, and the message asks for a plain rerun.
+    wrote no record removes its output, and the message advises a plain rerun.
     """
     problem = describe_call_error(stop.error, args.server, args.timeout)
     invalid = stop.error.code == grpc.StatusCode.INVALID_ARGUMENT

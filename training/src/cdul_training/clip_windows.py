@@ -117,7 +117,7 @@ def embed_windows(
     clip: ClipModel,
     images: Sequence[torch.Tensor] | torch.utils.data.Dataset,
     batch_size: int = 64,
-    what: str = "images",
+    set_name: str = "images",
 ) -> np.ndarray:
     """Embed the windows of every image of `images` with the CLIP image encoder.
 
@@ -126,7 +126,7 @@ def embed_windows(
         images: items `(pixels (3, 3s, 3s), index)` as `cdul_training.datasets.ImageDataset`
             gives them, normalized with the CLIP model's mean and std.
         batch_size: images per encoder call (each brings `N_VIEWS` views).
-        what: the name of the set in progress messages.
+        set_name: the name of the image set in progress messages.
 
     Returns:
         float32 array (N, N_VIEWS, D).
@@ -146,7 +146,7 @@ def embed_windows(
         now = time.monotonic()
         if now - last_report > 10 or stop == total:
             _logger.info(
-                "embedded the windows of %d/%d %s (%.1f s)", stop, total, what, now - started
+                "embedded the windows of %d/%d %s (%.1f s)", stop, total, set_name, now - started
             )
             last_report = now
     return out

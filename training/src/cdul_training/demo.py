@@ -1040,8 +1040,17 @@ def labeling_clip_folder(config: DemoConfig, layout: Layout) -> Path:
     return folder.resolve()
 
 
-def fit_command(config: DemoConfig, layout: Layout, configuration: str, seed: int) -> list[str]:
-    """Return the `cdul-train fit` argv of one configuration and seed."""
+def fit_command(
+    config: DemoConfig,
+    layout: Layout,
+    configuration: str,
+    seed: int,
+    clip_model: Path | None = None,
+) -> list[str]:
+    """Return the `cdul-train fit` argv of one configuration and seed.
+
+    `clip_model` is the CLIP folder that clip-windows embeds the images with.
+    """
     return command(
         "cdul-train",
         "fit",
@@ -1054,7 +1063,7 @@ def fit_command(config: DemoConfig, layout: Layout, configuration: str, seed: in
         arch=config.arch,
         loss=config.loss,
         image_size=config.image_size,
-        clip_model=labeling_clip_folder(config, layout) if config.arch == "clip-windows" else None,
+        clip_model=clip_model,
         epochs=config.epochs,
         batch_size=config.batch_size,
         seed=seed,
@@ -1075,10 +1084,11 @@ def train_classifiers(
         f"training {len(runs)} classifiers ({config.arch}, {config.epochs} epochs; gradient "
         f"alignment and control, seeds {config.seeds}), {config.jobs} at a time",
     )
+    clip_model = labeling_clip_folder(config, layout) if config.arch == "clip-windows" else None
     jobs = [
         (
             f"cdul-train fit {name} seed {seed}",
-            fit_command(config, layout, name, seed),
+            fit_command(config, layout, name, seed, clip_model),
             layout.logs / f"fit-{name}-seed{seed}.log",
         )
         for name, seed in runs

@@ -354,13 +354,15 @@ def _embed_corpus(
         )
     paths = match_records(list_images(Path(config.images or "")), pseudo)
     images = ImageDataset(paths, image_size, mean, std)
-    dataset: Dataset = EmbeddingDataset(embed_windows(clip, images, what="training images"))
+    dataset: Dataset = EmbeddingDataset(embed_windows(clip, images, set_name="training images"))
     val_dataset: Dataset | None = None
     val_truth = None
     if config.val_images:
         val_images = list_images(Path(config.val_images))
         val_pixels = ImageDataset(list(val_images.values()), image_size, mean, std)
-        val_dataset = EmbeddingDataset(embed_windows(clip, val_pixels, what="validation images"))
+        val_dataset = EmbeddingDataset(
+            embed_windows(clip, val_pixels, set_name="validation images")
+        )
         val_truth = _truth(config.val_labels, pseudo.classes, list(val_images), "--val-labels")
     return (
         dataset,
